@@ -1,0 +1,35 @@
+# MoSE on character-level Tiny Shakespeare: the main job, sized for a laptop CPU (about 10 minutes on 2 cores).
+# python prepare_data.py shakespeare_char && python train.py config/train_shakespeare_mose.py
+out_dir = 'out-shakespeare-mose'
+dataset = 'shakespeare_char'
+eval_interval = 250
+eval_iters = 20
+log_interval = 50
+always_save_checkpoint = False   # keep the best full-width val loss
+
+batch_size = 32
+block_size = 128                 # characters of context
+
+# a baby GPT: 4 layers, 2 of them MoE (blocks 0 and 2) with 8 experts, 2 active per token
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+n_exp = 8
+k_exp = 2
+moe_stride = 2
+expert_hidden = 256              # 2 * n_embd: two active experts cost what one dense 4 * n_embd MLP costs,
+                                 # so config/train_shakespeare_dense.py is the equal-active-FLOPs baseline
+
+# MoSE: each step trains the full width and one random width in [w_min, 1] (the paper's recipe)
+width_sampling = 'max_random'
+w_min = 0.25
+eval_widths = (1.0, 0.75, 0.5, 0.25)
+eval_k = (1, 4)
+
+learning_rate = 2e-3             # a small model on few tokens per step can take a large rate
+max_iters = 1000
+lr_decay_iters = 1000
+min_lr = 2e-4
+warmup_iters = 50
+beta2 = 0.99

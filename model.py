@@ -1,0 +1,711 @@
+"""
+nanoMoSE: a GPT whose MoE layers have *slimmable* experts (Mixture of Slimmable Experts, MoSE).
+
+Read top to bottom:
+  1. GPTConfig                  every knob, one line each
+  2. CausalSelfAttention, MLP    the dense parts, as in nanoGPT (attention is never slimmed)
+  3. Router                      fp32 gate -> softmax -> top-k; load-balancing, z and hierarchical losses
+  4. SlimmableExperts            stacked expert weights; expert e at width w runs its first h(w) hidden units
+  5. MoSELayer                   dropless sort-based dispatch: route -> widths -> sort -> run -> combine
+  6. Width policies              turn router probabilities into widths (uniform, confidence) + fitting them
+                                 to a FLOPs budget (bisection) and by test-time training of gamma (ttt)
+  7. Block, GPT                  forward(idx, targets, width, k_exp), flops_per_token, generate (KV cache)
+
+References: MoSE (Tastan et al., ICML 2026, arXiv 2602.06154); Matryoshka MoE (arXiv 2509.26520);
+Elastic MoE (arXiv 2509.21892); Switch Transformer (load-balancing loss); ST-MoE (router z-loss);
+Slimmable / Universally Slimmable Networks (nested prefix widths, sandwich rule); nanoGPT, nanoMoE.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. Config
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304         # GPT-2's 50257 padded up to a multiple of 64 for efficiency
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = False              # biases in Linears, LayerNorms and experts (GPT-2: True)
+    # the mixture
+    n_exp: int = 8                  # experts per MoE layer; 0 = a dense GPT (plain MLP everywhere)
+    k_exp: int = 2                  # experts per token during training (a dial at inference)
+    moe_stride: int = 2             # block i is an MoE block iff i % moe_stride == 0 (nanoMoE's layout)
+    expert_hidden: int = 0          # hidden units of one expert at full width; 0 means 4 * n_embd
+    width_multiple: int = 1         # h(w) is rounded to a multiple of this (e.g. 64 for tensor cores)
+    aux_loss_weight: float = 0.01   # Switch load-balancing loss
+    z_loss_weight: float = 0.001    # ST-MoE router z-loss
+    hr_loss_weight: float = 0.0     # Elastic MoE hierarchical router loss (0 = off)
+
+    def __post_init__(self):
+        if self.expert_hidden == 0:
+            self.expert_hidden = 4 * self.n_embd
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_exp < 0 or (self.n_exp > 0 and not 1 <= self.k_exp <= self.n_exp):
+            raise ValueError(f"k_exp must be in [1, n_exp={self.n_exp}], got {self.k_exp}")
+        if self.moe_stride < 1:
+            raise ValueError(f"moe_stride must be >= 1, got {self.moe_stride}")
+        if not 1 <= self.width_multiple <= self.expert_hidden:
+            raise ValueError(f"width_multiple must be in [1, expert_hidden={self.expert_hidden}]")
+
+    def is_moe(self, layer):
+        return self.n_exp > 0 and layer % self.moe_stride == 0
+
+    @property
+    def n_moe_layers(self):
+        return sum(self.is_moe(i) for i in range(self.n_layer))
+
+
+# -----------------------------------------------------------------------------
+# 2. The dense parts (nanoGPT)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)]  # (B, nh, T, hs)
+        if cache is not None:
+            # KV cache for generation: keys/values of earlier positions are kept, only new ones computed.
+            # Either the cache is empty (prefill, causal) or we add one token that sees everything before it.
+            if cache and T != 1:
+                raise ValueError("a filled KV cache takes one token at a time")
+            if cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=T > 1)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+# -----------------------------------------------------------------------------
+# 3. Router
+
+
+class Routing(NamedTuple):
+    expert_idx: torch.Tensor   # (N, k) which experts each token uses
+    gates: torch.Tensor        # (N, k) their mixing weights, softmax renormalised over the k selected
+    loss: torch.Tensor         # () weighted sum of this layer's router losses
+    load: torch.Tensor         # (n_exp,) fraction of (token, expert) pairs sent to each expert
+
+
+class Router(nn.Module):
+    """Linear gate in fp32 -> softmax over all experts -> top-k -> renormalised gates.
+
+    fp32 because the softmax over expert logits is sensitive to bf16/fp16 rounding (Switch Transformer).
+    The gates are the router probabilities the width policies read: for the selected experts S of a token,
+    gate_i = p_i / sum_{j in S} p_j, so any policy defined on p_i^gamma renormalised over S sees the same.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_exp = config.n_exp
+        self.w_g = nn.Linear(config.n_embd, config.n_exp, bias=False)
+        self.aux_loss_weight = config.aux_loss_weight
+        self.z_loss_weight = config.z_loss_weight
+        self.hr_loss_weight = config.hr_loss_weight
+
+    def forward(self, x, k, k_pool=None):
+        # x: (N, C) tokens; k: experts per token; k_pool: Elastic MoE co-activation pool (training only)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.w_g.weight.float())  # (N, E)
+        probs = logits.softmax(dim=-1)                              # (N, E)
+        if k_pool is not None and k_pool > k:
+            expert_idx = self.coactivation_sample(probs, k, k_pool)
+            top_probs = probs.gather(1, expert_idx)
+        else:
+            top_probs, expert_idx = probs.topk(k, dim=-1)           # (N, k), sorted by probability
+        gates = top_probs / top_probs.sum(dim=-1, keepdim=True)
+        # load: fraction of all (token, expert) assignments that went to each expert; 1/E each when balanced
+        load = torch.zeros(self.n_exp, device=x.device).index_add_(
+            0, expert_idx.flatten(), torch.ones(expert_idx.numel(), device=x.device)) / expert_idx.numel()
+        loss = self.aux_loss_weight * self.n_exp * (load * probs.mean(dim=0)).sum()   # Switch: = 1 at balance
+        loss = loss + self.z_loss_weight * torch.logsumexp(logits, dim=-1).square().mean()  # ST-MoE z-loss
+        if self.hr_loss_weight > 0:
+            # Elastic MoE: -KL(q || uniform) = H(q) - log E. Sharpens each token's ranking of all experts so
+            # that its top-1/2/4 prefixes are meaningful when k changes at inference.
+            entropy = -(probs * probs.clamp_min(1e-9).log()).sum(dim=-1).mean()
+            loss = loss + self.hr_loss_weight * (entropy - math.log(self.n_exp))
+        return Routing(expert_idx, gates, loss, load.detach())
+
+    @staticmethod
+    def coactivation_sample(probs, k, k_pool):
+        """Elastic MoE co-activation sampling: per token draw a pool size m ~ U{k..k_pool}, then use k experts
+        drawn uniformly without replacement from the router's top-m. Experts learn to work in combinations
+        they would meet with a larger k, at the training cost of k experts."""
+        N = probs.size(0)
+        pool = probs.topk(k_pool, dim=-1).indices                                          # (N, k_pool)
+        m = torch.randint(k, k_pool + 1, (N, 1), device=probs.device)                      # (N, 1)
+        rank = torch.arange(k_pool, device=probs.device)                                   # (k_pool,)
+        keys = torch.rand(N, k_pool, device=probs.device).masked_fill(rank >= m, 2.0)      # outside pool: never
+        return pool.gather(1, keys.topk(k, dim=-1, largest=False).indices)                 # (N, k)
+
+
+# -----------------------------------------------------------------------------
+# 4. Slimmable experts
+
+
+def hidden_units(width, full, multiple=1):
+    """h(w): the number of leading hidden units an expert of `full` units runs at width w.
+    Rounded to the nearest multiple of `multiple`, at least one multiple and at most `full`.
+    Works on a float or on a tensor of widths, with the same float32 rounding for both."""
+    w = torch.as_tensor(width, dtype=torch.float32)   # float32 on every device (mps has no float64)
+    h = (torch.round(w * full / multiple) * multiple).clamp(min=multiple, max=full).long()
+    return h if isinstance(width, torch.Tensor) else int(h)
+
+
+def check_width(width):
+    if not 0.0 < width <= 1.0:
+        raise ValueError(f"width must be in (0, 1], got {width}")
+
+
+class SlimmableExperts(nn.Module):
+    """All experts of a layer as stacked weights. Expert e at width w is the GELU FFN
+        y = gelu(x @ c_fc[e, :, :h] + b_fc[e, :h]) @ c_proj[e, :h, :] + b_proj[e],   h = h(w)
+    i.e. it uses a nested prefix of its hidden units: every width shares the same weights, width 1 is a
+    standard MoE expert, and a narrow expert really does less arithmetic (a slice, not a mask)."""
+
+    def __init__(self, config):
+        super().__init__()
+        E, C, H = config.n_exp, config.n_embd, config.expert_hidden
+        self.hidden, self.multiple = H, config.width_multiple
+        self.c_fc = nn.Parameter(torch.empty(E, C, H))
+        self.c_proj = nn.Parameter(torch.empty(E, H, C))
+        self.b_fc = nn.Parameter(torch.zeros(E, H)) if config.bias else None
+        self.b_proj = nn.Parameter(torch.zeros(E, C)) if config.bias else None
+
+    def h(self, width):
+        return hidden_units(width, self.hidden, self.multiple)
+
+    def forward(self, x, e, h, mask=None):
+        # x: (n, C) rows routed to expert e, run at h hidden units; mask: (n, H) optional soft prefix mask
+        a = x @ self.c_fc[e, :, :h]                                        # (n, h)
+        if self.b_fc is not None:
+            a = a + self.b_fc[e, :h]
+        a = F.gelu(a)
+        if mask is not None:
+            a = a * mask.to(a.dtype)
+        y = a @ self.c_proj[e, :h, :]                                      # (n, C)
+        return y + self.b_proj[e] if self.b_proj is not None else y
+
+    def forward_reference(self, x, expert_idx, gates, h):
+        """Slow, obviously-correct reference for the tests: every expert on every token at full width,
+        hidden units past each (token, expert) pair's h zeroed by a mask, weighted by the gates."""
+        N, k = expert_idx.shape
+        out = torch.zeros_like(x)
+        units = torch.arange(self.hidden, device=x.device)
+        for e in range(self.c_fc.size(0)):
+            a = x @ self.c_fc[e]                                           # (N, H)
+            if self.b_fc is not None:
+                a = a + self.b_fc[e]
+            a = F.gelu(a)
+            for j in range(k):
+                chosen = (expert_idx[:, j] == e).to(x.dtype)               # (N,)
+                keep = (units[None, :] < h[:, j:j + 1]).to(x.dtype)        # (N, H) prefix mask
+                y = (a * keep) @ self.c_proj[e]
+                if self.b_proj is not None:
+                    y = y + self.b_proj[e]
+                out = out + (chosen * gates[:, j].to(x.dtype))[:, None] * y
+        return out
+
+    @torch.no_grad()
+    def reorder_hidden_units_(self, importance):
+        """Permute each expert's hidden units so the most important come first (importance: (E, H)).
+        The function of every expert at full width is unchanged; the narrow prefixes get the best units."""
+        order = importance.argsort(dim=1, descending=True)                 # (E, H)
+        self.c_fc.copy_(self.c_fc.gather(2, order[:, None, :].expand_as(self.c_fc)))
+        self.c_proj.copy_(self.c_proj.gather(1, order[:, :, None].expand_as(self.c_proj)))
+        if self.b_fc is not None:
+            self.b_fc.copy_(self.b_fc.gather(1, order))
+
+
+# -----------------------------------------------------------------------------
+# 5. The MoSE layer: dropless, sort-based dispatch
+
+
+class MoSELayer(nn.Module):
+    """Route -> widths -> sort the (token, expert) pairs by (hidden units, expert) -> run each expert on its
+    contiguous rows at that width -> scatter-add back weighted by the gates. No capacity, no dropped tokens:
+    a token's output never depends on which other tokens share its batch."""
+
+    def __init__(self, config, layer_id):
+        super().__init__()
+        self.layer_id = layer_id           # index among the MoE layers (policies may hold one gamma per layer)
+        self.router = Router(config)
+        self.experts = SlimmableExperts(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, width=1.0, k=2, k_pool=None):
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)                                            # (N, C)
+        r = self.router(x, k, k_pool)
+        widths = width(r.gates, self.layer_id) if isinstance(width, WidthPolicy) else \
+            torch.full_like(r.gates, width)                                # (N, k) one width per pair
+        h = self.experts.h(widths.detach())                                # (N, k) hidden units per pair
+        if widths.requires_grad:   # a policy being fitted (ttt): full width, differentiable prefix mask
+            y = self.dispatch(x, r.expert_idx, r.gates, h, soft_mask=prefix_mask(widths, h, self.experts.hidden))
+        else:
+            y = self.dispatch(x, r.expert_idx, r.gates, h)
+        spent = 4 * C * h.sum(dim=1).float()                               # (N,) expert FLOPs of each token
+        return self.dropout(y).view(B, T, C), r, spent, h.float().mean() / self.experts.hidden
+
+    def dispatch(self, x, expert_idx, gates, h, soft_mask=None):
+        N, k = expert_idx.shape
+        # 1. flatten the (token, expert) pairs
+        token = torch.arange(N, device=x.device).repeat_interleave(k)      # (N*k,)
+        expert, units, gate = expert_idx.flatten(), h.flatten(), gates.flatten()
+        # 2. sort pairs so each (width, expert) bucket is contiguous; with a soft mask all run at full width
+        key = expert if soft_mask is not None else units * self.experts.c_fc.size(0) + expert
+        order = key.argsort(stable=True)
+        key_sorted = key[order]
+        buckets, counts = torch.unique_consecutive(key_sorted, return_counts=True)
+        rows = x[token[order]]                                             # (N*k, C) gathered inputs
+        if soft_mask is not None:
+            soft_mask = soft_mask.flatten(0, 1)[order]                     # (N*k, H) in the same order
+        # 3. run each bucket: one expert, one width, a contiguous block of rows (one host sync for the loop)
+        outs, start = [], 0
+        E = self.experts.c_fc.size(0)
+        for b, n in zip(buckets.tolist(), counts.tolist()):
+            sl = slice(start, start + n)
+            if soft_mask is None:
+                outs.append(self.experts(rows[sl], b % E, b // E))
+            else:
+                outs.append(self.experts(rows[sl], b, self.experts.hidden, soft_mask[sl]))
+            start += n
+        y = torch.cat(outs)                                                # (N*k, C)
+        # 4. combine: weight by the gate and add back to the token each row came from
+        y = y * gate[order, None].to(y.dtype)
+        return torch.zeros(N, x.size(1), dtype=y.dtype, device=x.device).index_add_(0, token[order], y)
+
+
+def prefix_mask(widths, h, full, tau=None):
+    """Differentiable stand-in for 'keep the first h(w) hidden units', used only while fitting a policy.
+    Forward: exactly the hard prefix mask (so the loss is the true loss at those widths). Backward: the
+    gradient of a sigmoid ramp of temperature tau hidden units around w * full (straight-through).
+    widths: (N, k) with grad; h: (N, k) the hidden units actually kept."""
+    tau = tau or max(1.0, 0.025 * full)
+    units = torch.arange(full, device=widths.device, dtype=widths.dtype) + 0.5       # (H,) unit centres
+    hard = (units < h[..., None]).to(widths.dtype)                                   # (N, k, H)
+    soft = torch.sigmoid((widths[..., None] * full - units) / tau)                   # (N, k, H)
+    return hard + soft - soft.detach()
+
+
+# -----------------------------------------------------------------------------
+# 6. Width policies: router probabilities -> a width for each (token, expert) pair
+
+
+class WidthPolicy:
+    """A width policy maps the gates of one MoE layer, (N, k), to widths in (0, 1], (N, k).
+    Policies know nothing about experts; the dispatch slices by whatever widths they return."""
+
+    def __call__(self, gates, layer_id):
+        raise NotImplementedError
+
+
+class UniformWidth(WidthPolicy):
+    """Every selected expert runs at the same width (the static dial)."""
+
+    def __init__(self, width):
+        check_width(width)
+        self.width = float(width)
+
+    def __call__(self, gates, layer_id):
+        return torch.full_like(gates, self.width)
+
+    def __repr__(self):
+        return f"UniformWidth({self.width:g})"
+
+
+class ConfidenceWidth(WidthPolicy):
+    """The MoSE router-confidence policy. For a token with selected experts S (|S| = k) and gates p:
+
+        q_i = p_i**gamma / sum_{j in S} p_j**gamma          sharpen, renormalise over S
+        w_i = snap( clip(k * Gamma * q_i, w_min, 1) )        share a mean-width budget Gamma
+
+    gamma = 0 gives every expert width Gamma; a large gamma gives the budget to the most confident expert.
+    Because of the clip and the snap to the `grid` the spent FLOPs only approximately follow Gamma: measure
+    them (the forward reports them) or use `fit_budget` to move Gamma until they match a target.
+    `gamma` is a float, or a tensor with one value per MoE layer (what `fit_ttt` learns)."""
+
+    def __init__(self, gamma=1.0, Gamma=0.5, w_min=0.25, grid=0.05):
+        if not Gamma > 0:   # Gamma may exceed 1: after clipping at 1 it takes more to spend a given budget
+            raise ValueError(f"Gamma (the mean-width budget) must be > 0, got {Gamma}")
+        check_width(w_min)
+        self.gamma, self.Gamma, self.w_min, self.grid = gamma, float(Gamma), float(w_min), float(grid)
+
+    def gamma_for(self, layer_id):
+        g = self.gamma
+        return g[layer_id] if isinstance(g, torch.Tensor) and g.dim() > 0 else g
+
+    def __call__(self, gates, layer_id):
+        k = gates.size(-1)
+        logp = gates.clamp_min(1e-9).log()
+        q = torch.softmax(self.gamma_for(layer_id) * logp, dim=-1)    # = p^gamma / sum p^gamma, stable
+        w = (k * self.Gamma * q).clamp(self.w_min, 1.0)
+        if self.grid:
+            w_hard = (torch.round(w / self.grid) * self.grid).clamp(self.grid, 1.0)
+            w = w + (w_hard - w).detach()                            # straight-through: forward snapped
+        return w
+
+    def __repr__(self):
+        g = self.gamma.tolist() if isinstance(self.gamma, torch.Tensor) else self.gamma
+        return f"ConfidenceWidth(gamma={g}, Gamma={self.Gamma:.4f}, w_min={self.w_min:g}, grid={self.grid:g})"
+
+
+@torch.no_grad()
+def expert_flops_fraction(model, policy, batches, k_exp=None):
+    """Expert FLOPs spent under `policy` on `batches`, as a fraction of full-width expert FLOPs at k_exp."""
+    spent = full = 0.0
+    for x in batches:
+        out = model(x, width=policy, k_exp=k_exp)
+        spent += out.stats["expert_flops"].item()
+        full += model.flops_breakdown(1.0, k_exp)["experts"]
+    return spent / full
+
+
+@torch.no_grad()
+def fit_budget(model, policy, batches, budget, k_exp=None, tol=0.01, max_iter=40):
+    """Exact-budget mode: bisect Gamma until the spent expert FLOPs on `batches` are within `tol` (relative)
+    of `budget` x full-width expert FLOPs. Spent FLOPs grow monotonically with Gamma, so bisection works.
+    Returns a new ConfidenceWidth; `policy.gamma` is kept. Raises if the budget is out of reach."""
+    make = lambda G: ConfidenceWidth(policy.gamma, G, policy.w_min, policy.grid)
+    frac = lambda G: expert_flops_fraction(model, make(G), batches, k_exp)
+    lo, hi = 1e-4, 1.0
+    while frac(hi) < budget:               # clipping at 1 loses budget, so Gamma may need to exceed 1
+        hi *= 2
+        if hi > 1e4:
+            raise ValueError(f"budget {budget} is out of reach (the maximum is full width, 1.0)")
+    if frac(lo) > budget * (1 + tol):
+        raise ValueError(f"budget {budget} is below what w_min={policy.w_min} allows; lower w_min")
+    for _ in range(max_iter):
+        mid = math.sqrt(lo * hi)           # bisect in log space: Gamma spans orders of magnitude
+        f = frac(mid)
+        if abs(f / budget - 1) <= tol:
+            return make(mid)
+        lo, hi = (mid, hi) if f < budget else (lo, mid)
+    return make(hi)                         # the snapped FLOPs are a step function: take the closest above
+
+
+def fit_ttt(model, batches, budget, k_exp=None, lr=0.01, per_layer=False, w_min=0.25, grid=0.05,
+            refit_every=10, calib_batches=None):
+    """Test-time training of the width mapping (MoSE's "TT-width"): with the model and router frozen, learn
+    the sharpness gamma (one, or one per MoE layer) that minimises the language-model loss at a given FLOPs
+    budget, by SGD through the differentiable prefix mask (the paper: 50 batches of 6 sequences, lr 0.01).
+    Gamma is re-fitted to the budget every `refit_every` steps so gamma cannot buy loss with extra FLOPs
+    (clipping at w_min spends more than Gamma asks), and once more at the end: the result meets `budget`
+    on `calib_batches` (default: the first batches). Returns a ConfidenceWidth."""
+    calib = calib_batches or [x for x, _ in batches[:4]]
+    rho = torch.full((model.config.n_moe_layers if per_layer else 1,), math.log(math.e - 1),
+                     requires_grad=True)                                      # gamma = softplus(rho) = 1
+    gamma = lambda: F.softplus(rho) if per_layer else F.softplus(rho)[0]      # one per layer, or one scalar
+    opt = torch.optim.SGD([rho], lr=lr)
+    was_training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        policy = fit_budget(model, ConfidenceWidth(1.0, budget, w_min, grid), calib, budget, k_exp)
+        for step, (x, y) in enumerate(batches):
+            if step > 0 and step % refit_every == 0:
+                policy = fit_budget(model, ConfidenceWidth(gamma().detach(), budget, w_min, grid),
+                                    calib, budget, k_exp)
+            loss = model(x, y, width=ConfidenceWidth(gamma(), policy.Gamma, w_min, grid), k_exp=k_exp).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        final = gamma().detach()
+        return fit_budget(model, ConfidenceWidth(final if per_layer else final.item(), budget, w_min, grid),
+                          calib, budget, k_exp)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.train(was_training)
+
+
+POLICIES = ("uniform", "confidence", "ttt")
+
+
+def make_policy(model, policy="uniform", width=1.0, budget=None, gamma=1.0, k_exp=None, batches=None,
+                w_min=0.25, grid=0.05, ttt_lr=0.01, per_layer=False):
+    """The compute dial in one call (sample.py and bench_flops.py use it). Returns a width for forward().
+      uniform:     `width` for every expert; with a budget, the width whose expert FLOPs are that fraction.
+      confidence:  ConfidenceWidth(gamma, Gamma=width); with a budget, Gamma is fitted to it on `batches`.
+      ttt:         gamma learned on `batches` (a list of (x, y)) for the budget, which it requires.
+    budget: a fraction of the full-width expert FLOPs at k_exp, in (0, 1]."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got '{policy}'")
+    check_width(width)
+    if budget is not None and not 0 < budget <= 1:
+        raise ValueError(f"budget must be in (0, 1] (a fraction of full-width expert FLOPs), got {budget}")
+    if policy == "uniform":
+        return width if budget is None else budget
+    if policy == "ttt" and budget is None:
+        raise ValueError("policy 'ttt' learns gamma for a FLOPs budget: give a budget in (0, 1]")
+    if budget is not None and not batches:
+        raise ValueError("fitting a policy to a budget needs calibration batches of text")
+    if policy == "confidence":
+        p = ConfidenceWidth(gamma, width if budget is None else budget, w_min, grid)
+        return p if budget is None else fit_budget(model, p, [x for x, _ in batches], budget, k_exp)
+    return fit_ttt(model, batches, budget, k_exp, ttt_lr, per_layer, w_min, grid)
+
+
+# -----------------------------------------------------------------------------
+# 7. Block and GPT
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, moe_id=None):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MoSELayer(config, moe_id) if moe_id is not None else MLP(config)
+
+    def forward(self, x, width, k, k_pool, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        if isinstance(self.mlp, MLP):
+            return x + self.mlp(self.ln_2(x)), None
+        y, *moe = self.mlp(self.ln_2(x), width, k, k_pool)
+        return x + y, moe
+
+
+class GPTOutput(NamedTuple):
+    logits: torch.Tensor
+    loss: torch.Tensor        # language-model cross-entropy ONLY (comparable across dense, MoE and MoSE)
+    router_loss: torch.Tensor  # weighted sum of all router losses; train on loss + router_loss
+    stats: dict               # expert_flops, flops_per_token, mean_width, load (per MoE layer)
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        moe_ids = [sum(config.is_moe(j) for j in range(i)) if config.is_moe(i) else None
+                   for i in range(config.n_layer)]
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, m) for m in moe_ids]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight   # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_fc"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02)
+            # GPT-2's scaled init of the projections that write into the residual stream (experts too)
+            if name.endswith("c_proj.weight") or name.endswith("experts.c_proj"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                torch.nn.init.zeros_(module.bias)
+
+    def get_num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    # --- the dials: validated once, here, so a bad value fails with one clear line ---
+
+    def _per_layer(self, value, name):
+        n = self.config.n_moe_layers
+        if isinstance(value, (list, tuple)):
+            if len(value) != n:
+                raise ValueError(f"{name} has {len(value)} values, the model has {n} MoE layers")
+            return list(value)
+        return [value] * n
+
+    def resolve_dials(self, width=None, k_exp=None):
+        """width: None (full), a float, a list (one per MoE layer) or a WidthPolicy.
+        k_exp: None (training value), an int or a list (one per MoE layer). Returns per-MoE-layer lists."""
+        cfg = self.config
+        if cfg.n_exp == 0:
+            if isinstance(width, WidthPolicy) or (width is not None and width != 1.0):
+                raise ValueError("width is a dial of MoE models only; this model is dense (n_exp=0)")
+            if k_exp is not None:
+                raise ValueError("k_exp is a dial of MoE models only; this model is dense (n_exp=0)")
+            return [], []
+        widths = [width] * cfg.n_moe_layers if isinstance(width, WidthPolicy) else \
+            [float(w) for w in self._per_layer(1.0 if width is None else width, "width")]
+        for w in widths:
+            if not isinstance(w, WidthPolicy):
+                check_width(w)
+        ks = self._per_layer(cfg.k_exp if k_exp is None else k_exp, "k_exp")
+        for k in ks:
+            if not (isinstance(k, int) and 1 <= k <= cfg.n_exp):
+                raise ValueError(f"k_exp must be an integer in [1, n_exp={cfg.n_exp}], got {k}")
+        return widths, ks
+
+    def forward(self, idx, targets=None, width=None, k_exp=None, k_pool=None, kv_cache=None):
+        """idx, targets: (B, T) token ids. width / k_exp: the compute dials (see resolve_dials).
+        k_pool: Elastic MoE co-activation pool size (training only). kv_cache: from new_kv_cache().
+        Returns GPTOutput(logits, loss, router_loss, stats)."""
+        B, T = idx.size()
+        past = kv_cache[0]["k"].size(2) if kv_cache and kv_cache[0] else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of length {past + T} exceeds block_size {self.config.block_size}")
+        widths, ks = self.resolve_dials(width, k_exp)
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        router_loss = x.new_zeros((), dtype=torch.float32)
+        spent = torch.zeros(B * T, device=idx.device)                     # expert FLOPs per token
+        loads, mean_widths = [], []
+        for i, block in enumerate(self.transformer.h):
+            m = block.mlp.layer_id if isinstance(block.mlp, MoSELayer) else None
+            x, moe = block(x, widths[m] if m is not None else None, ks[m] if m is not None else None,
+                           k_pool, kv_cache[i] if kv_cache is not None else None)
+            if moe is not None:
+                routing, layer_spent, mean_width = moe
+                router_loss = router_loss + routing.loss
+                spent = spent + layer_spent
+                loads.append(routing.load)
+                mean_widths.append(mean_width.detach())
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        else:
+            logits = self.lm_head(x[:, [-1], :])   # inference: only the last position is needed
+            loss = None
+        expert_flops = spent.mean().detach()
+        stats = dict(expert_flops=expert_flops, load=loads,
+                     flops_per_token=self.flops_breakdown(1.0, ks or None)["non_expert"] + expert_flops,
+                     mean_width=torch.stack(mean_widths).mean() if mean_widths else torch.ones(()))
+        return GPTOutput(logits, loss, router_loss, stats)
+
+    # --- FLOPs ---
+
+    def flops_breakdown(self, width=1.0, k_exp=None, seq_len=None):
+        """Analytic forward FLOPs per token (2 per multiply-add), averaged over a causal window of seq_len
+        tokens (default block_size). Embedding lookups, norms, softmaxes and GELUs are not counted.
+        width/k_exp: float or per-MoE-layer lists (uniform widths; per-token policies report what they
+        spent in forward's stats instead)."""
+        cfg = self.config
+        C, H, T = cfg.n_embd, cfg.expert_hidden, seq_len or cfg.block_size
+        if isinstance(width, WidthPolicy):
+            raise ValueError("flops_breakdown takes uniform widths; a policy's spent FLOPs are in forward's stats")
+        widths, ks = self.resolve_dials(None if width == 1.0 else width, k_exp)
+        f = dict(attention=cfg.n_layer * (2 * C * 3 * C + 2 * C * C      # qkv and output projections
+                                          + 2 * 2 * C * (T + 1) / 2),     # q.k and att.v over the mean context
+                 dense_mlp=(cfg.n_layer - cfg.n_moe_layers) * 2 * 2 * C * 4 * C,
+                 router=cfg.n_moe_layers * 2 * C * cfg.n_exp,
+                 experts=sum(k * 2 * 2 * C * hidden_units(w, H, cfg.width_multiple) for w, k in zip(widths, ks)),
+                 lm_head=2 * C * cfg.vocab_size)
+        f["non_expert"] = f["attention"] + f["dense_mlp"] + f["router"] + f["lm_head"]
+        f["total"] = f["non_expert"] + f["experts"]
+        return f
+
+    def flops_per_token(self, width=1.0, k_exp=None, seq_len=None):
+        """Forward FLOPs per token of the whole model at a uniform width and k_exp (see flops_breakdown)."""
+        return self.flops_breakdown(width, k_exp, seq_len)["total"]
+
+    # --- training and sampling ---
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # weight decay on matrices (including the 3-D expert stacks), none on biases, norms and 1-D tensors
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        decays = lambda n, p: p.dim() >= 2 and not n.endswith(("bias", "b_fc", "b_proj"))
+        decay = [p for n, p in params.items() if decays(n, p)]
+        no_decay = [p for n, p in params.items() if not decays(n, p)]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+    def new_kv_cache(self):
+        return [{} for _ in range(self.config.n_layer)]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, width=None, k_exp=None,
+                 use_cache=True):
+        """Sample max_new_tokens after idx (B, T). With use_cache, keys/values are kept between steps;
+        once the context outgrows block_size the window slides and the cache is rebuilt each step
+        (absolute positions shift), which costs the same as no cache. Returns (idx, mean spent FLOPs/token)."""
+        cache, flops = None, []
+        for _ in range(max_new_tokens):
+            window = idx[:, -self.config.block_size:]
+            if not use_cache or idx.size(1) > self.config.block_size:
+                cache = None
+                out = self(window, width=width, k_exp=k_exp)                   # no cache: the whole window
+            elif cache is None:
+                cache = self.new_kv_cache()
+                out = self(window, width=width, k_exp=k_exp, kv_cache=cache)   # prefill the cache
+            else:
+                out = self(idx[:, -1:], width=width, k_exp=k_exp, kv_cache=cache)  # one new token
+            flops.append(out.stats["flops_per_token"])
+            logits = out.logits[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx, (torch.stack(flops).mean().item() if flops else 0.0)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: written atomically, read with one clear error
+
+
+def save_checkpoint(checkpoint, path):
+    """Write to a temporary file, then rename: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)   # atomic on POSIX and Windows
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Returns (model, checkpoint dict). Raises FileNotFoundError / ValueError with a one-line message."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first (python train.py ...) or fix --out_dir")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        model = GPT(GPTConfig(**checkpoint["model_args"]))
+        # a compiled model's state dict has its keys prefixed with _orig_mod.
+        state = {k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()}
+        model.load_state_dict(state)
+    except Exception as e:   # truncated file, wrong format, mismatched weights: all one story for the user
+        raise ValueError(f"{path} is not a usable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                         f"it may be truncated or from another version: delete it and train again") from None
+    return model.to(device), checkpoint

@@ -1,0 +1,476 @@
+"""
+Train a MoSE (or a plain MoE, or a dense GPT) language model. One device:
+
+    python train.py config/train_shakespeare_mose.py
+
+DDP on 4 GPUs of one node (gloo instead of nccl on CPU):
+
+    torchrun --standalone --nproc_per_node=4 train.py config/train_owt_mose_small.py
+
+Every global below is a config key: override it in a config file or with --key=value.
+"""
+
+import json
+import math
+import os
+import pickle
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from configurator import configure, fail
+from model import GPT, GPTConfig, check_width, load_checkpoint, save_checkpoint
+
+# -----------------------------------------------------------------------------
+# defaults: a small MoSE on character-level Shakespeare
+# I/O
+out_dir = "out"
+eval_interval = 250
+log_interval = 10
+eval_iters = 20                 # batches per evaluation (the same batches at every width, every time)
+eval_only = False               # evaluate once and exit
+always_save_checkpoint = False  # else only when the full-width val loss improves
+init_from = "scratch"           # 'scratch', 'resume' (from out_dir), or 'upcycle:<dir>' (a dense/MoE ckpt)
+upcycle_reorder = True          # upcycling: put each expert's most important hidden units first
+wandb_log = False
+wandb_project = "nanomose"
+wandb_run_name = "run"
+# data
+data_dir = "data"               # prepare_data.py writes <data_dir>/<dataset>/{train,val}.bin
+dataset = "shakespeare_char"
+gradient_accumulation_steps = 1
+batch_size = 32
+block_size = 128
+# model
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+bias = False
+n_exp = 8                       # 0 = dense GPT
+k_exp = 2
+moe_stride = 2
+expert_hidden = 0               # 0 = 4 * n_embd
+width_multiple = 1
+aux_loss_weight = 0.01
+z_loss_weight = 0.001
+hr_loss_weight = 0.0            # Elastic MoE hierarchical router loss
+# MoSE multi-width training
+width_sampling = "max_random"   # 'max_random' | 'sandwich' | 'fixed' | 'none' (a plain MoE run)
+w_min = 0.25                    # narrowest width trained
+n_random_widths = 1             # random widths per step (sandwich: besides the widest and the narrowest)
+width_grid = 0.0                # > 0: random widths snapped to this grid (e.g. 0.05); 0: continuous
+fixed_widths = (1.0, 0.5)       # the widths of width_sampling='fixed'
+width_per_layer = False         # each MoE layer draws its own random width
+distill_weight = 0.0            # in-place distillation of narrower widths from the widest (detached)
+# elastic top-k
+k_sampling = "none"             # 'none' | 'layer' (Matryoshka MoE: each MoE layer k ~ U[k_min, k_max]) | 'step'
+k_min = 1
+k_max = 0                       # 0 = k_exp
+k_pool = 0                      # Elastic MoE co-activation sampling from the top-k_pool; 0 = off
+# evaluation dials
+eval_widths = (1.0, 0.75, 0.5, 0.25)
+eval_k = ()                     # k_exp values to evaluate besides the training one, e.g. (1, 4)
+# AdamW and schedule
+learning_rate = 1e-3
+max_iters = 1000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.99                    # 0.99 rather than 0.95: few tokens per step
+grad_clip = 1.0
+decay_lr = True
+warmup_iters = 50
+lr_decay_iters = 0              # 0 = max_iters
+min_lr = 1e-4
+# system
+backend = "auto"                # DDP backend: nccl on cuda, gloo elsewhere
+device = "auto"                 # cuda, then mps, then cpu
+dtype = "auto"                  # bfloat16 where supported, else float16 on cuda; float32 elsewhere
+compile = False                 # torch.compile the model (useful on GPUs; the dispatch loop breaks graphs)
+seed = 1337
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+# checks that fail early with one line, rather than deep inside a run
+if width_sampling not in ("max_random", "sandwich", "fixed", "none"):
+    fail(f"width_sampling must be max_random, sandwich, fixed or none, got '{width_sampling}'")
+if k_sampling not in ("none", "layer", "step"):
+    fail(f"k_sampling must be none, layer or step, got '{k_sampling}'")
+k_max = k_max or k_exp
+lr_decay_iters = lr_decay_iters or max_iters
+try:
+    for w in (w_min, *fixed_widths, *eval_widths):
+        check_width(w)
+    gptconf = GPTConfig(block_size=block_size, vocab_size=50304, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                        dropout=dropout, bias=bias, n_exp=n_exp, k_exp=k_exp, moe_stride=moe_stride,
+                        expert_hidden=expert_hidden, width_multiple=width_multiple, aux_loss_weight=aux_loss_weight,
+                        z_loss_weight=z_loss_weight, hr_loss_weight=hr_loss_weight)
+    if n_exp and not 1 <= k_min <= k_max <= n_exp:
+        raise ValueError(f"need 1 <= k_min <= k_max <= n_exp, got k_min={k_min}, k_max={k_max}, n_exp={n_exp}")
+    if n_exp and k_pool and not k_exp < k_pool <= n_exp:
+        raise ValueError(f"k_pool must be in (k_exp, n_exp] = ({k_exp}, {n_exp}], got {k_pool}")
+    if n_exp and any(not 1 <= k <= n_exp for k in eval_k):
+        raise ValueError(f"eval_k values must be in [1, n_exp={n_exp}], got {eval_k}")
+except ValueError as e:
+    fail(str(e))
+if n_exp == 0:   # a dense GPT has no dials to train or evaluate
+    width_sampling, k_sampling, k_pool, eval_widths, eval_k = "none", "none", 0, (1.0,), ()
+
+# DDP: torchrun sets RANK; every rank runs this same script
+ddp = int(os.environ.get("RANK", -1)) != -1
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+if ddp:
+    from torch.distributed import destroy_process_group, init_process_group
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    init_process_group(backend=("nccl" if device.startswith("cuda") else "gloo") if backend == "auto" else backend)
+    ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.startswith("cuda"):
+        device = f"cuda:{ddp_local_rank}"
+        torch.cuda.set_device(device)
+    if gradient_accumulation_steps % ddp_world_size:
+        fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the "
+             f"number of processes ({ddp_world_size})")
+    gradient_accumulation_steps //= ddp_world_size
+else:
+    ddp_rank, ddp_world_size = 0, 1
+master_process = ddp_rank == 0
+device_type = "cuda" if device.startswith("cuda") else "mps" if device.startswith("mps") else "cpu"
+if dtype == "auto":
+    dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"device {device}, dtype {dtype}, {ddp_world_size} process(es), tokens per iteration {tokens_per_iter:,}")
+torch.manual_seed(seed + ddp_rank)   # dropout differs per rank; data and widths come from shared generators
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+
+# -----------------------------------------------------------------------------
+# data: uint16 memmaps from prepare_data.py, sampled i.i.d. with a generator that every rank seeds alike.
+# Each step draws all its micro-batches at once and rank r takes its share, so a run on N processes sees
+# exactly the batches of a 1-process run with N times the gradient accumulation. The generator's state is
+# the data position: it goes into the checkpoint, and resuming continues the same stream.
+split_dir = os.path.join(data_dir, dataset)
+for split in ("train", "val"):
+    if not os.path.exists(os.path.join(split_dir, f"{split}.bin")):
+        fail(f"no {split_dir}/{split}.bin: run `python prepare_data.py {dataset}` first (or set --data_dir)")
+meta_path = os.path.join(split_dir, "meta.pkl")
+meta = pickle.load(open(meta_path, "rb")) if os.path.exists(meta_path) else {"tokenizer": "gpt2", "vocab_size": 50257}
+gptconf.vocab_size = meta["vocab_size"] if meta["tokenizer"] == "char" else 50304   # 50257 padded to 64s
+data_gen = torch.Generator().manual_seed(seed)
+width_gen = torch.Generator().manual_seed(seed + 1)     # widths and k: identical on every rank
+
+
+def load_split(split):
+    # a fresh memmap per call: a long-lived one grows memory (numpy keeps pages it touched)
+    return np.memmap(os.path.join(split_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+
+
+def to_device(ix, data):
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
+    if device_type == "cuda":   # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def get_step_batches():
+    """This rank's micro-batches for one optimizer step."""
+    data = load_split("train")
+    ix = torch.randint(len(data) - block_size, (gradient_accumulation_steps * ddp_world_size, batch_size),
+                       generator=data_gen)
+    return [to_device(ix[m * ddp_world_size + ddp_rank], data) for m in range(gradient_accumulation_steps)]
+
+
+# -----------------------------------------------------------------------------
+# model: from scratch, resumed, or upcycled from a dense / plain-MoE checkpoint
+iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+try:
+    if init_from == "scratch":
+        model = GPT(gptconf)
+    elif init_from == "resume":
+        model, checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        gptconf = model.config   # the checkpoint's architecture wins over the config
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    elif init_from.startswith("upcycle:"):
+        model = None   # built below, once the helpers are defined
+    else:
+        raise ValueError(f"init_from must be scratch, resume or upcycle:<dir>, got '{init_from}'")
+except (ValueError, FileNotFoundError) as e:
+    fail(str(e))
+
+
+@torch.no_grad()
+def hidden_unit_importance(model, batches):
+    """For every MoE layer, (n_exp, H): how much each expert's hidden unit contributes on real tokens,
+    mean |activation| over the tokens routed to the expert times the norm of the unit's output weights."""
+    inputs, hooks = {}, []
+    for block in model.transformer.h:
+        if hasattr(block.mlp, "experts"):
+            hooks.append(block.mlp.register_forward_pre_hook(
+                lambda mod, args: inputs.setdefault(mod, []).append(args[0].reshape(-1, args[0].size(-1)))))
+    for x, _ in batches:
+        model(x)
+    for h in hooks:
+        h.remove()
+    importance = {}
+    for layer, xs in inputs.items():
+        x = torch.cat(xs)
+        routing = layer.router(x, model.config.k_exp)
+        ex = layer.experts
+        score = torch.zeros(ex.c_fc.size(0), ex.hidden, device=x.device)
+        for e in range(ex.c_fc.size(0)):
+            rows = x[(routing.expert_idx == e).any(dim=1)]
+            if len(rows):
+                a = rows @ ex.c_fc[e] + (ex.b_fc[e] if ex.b_fc is not None else 0)
+                score[e] = F.gelu(a).abs().mean(dim=0)
+        importance[layer] = score * ex.c_proj.norm(dim=2)
+    return importance
+
+
+def upcycle(source_dir):
+    """Build the configured MoE/MoSE model from a trained dense or MoE checkpoint: attention, embeddings and
+    norms are copied; a dense MLP is copied into every expert (sparse upcycling), an MoE layer's router and
+    experts are kept. Then each expert's hidden units are reordered by importance so the narrow prefixes
+    start from the most useful units."""
+    source, _ = load_checkpoint(os.path.join(source_dir, "ckpt.pt"))
+    sc = source.config
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size"):
+        if getattr(sc, key) != getattr(gptconf, key):
+            raise ValueError(f"upcycling keeps the architecture: {key} is {getattr(sc, key)} in {source_dir}, "
+                             f"{getattr(gptconf, key)} here (set --{key}={getattr(sc, key)})")
+    target = GPT(gptconf)
+    missing = target.load_state_dict({k: v for k, v in source.state_dict().items() if ".mlp." not in k},
+                                     strict=False).missing_keys
+    assert all(".mlp." in k for k in missing), missing
+    for src, dst in zip(source.transformer.h, target.transformer.h):
+        if not hasattr(dst.mlp, "experts"):
+            if hasattr(src.mlp, "experts"):
+                raise ValueError("upcycling cannot turn an MoE layer back into a dense one: match moe_stride")
+            dst.mlp.load_state_dict(src.mlp.state_dict())
+        elif hasattr(src.mlp, "experts"):
+            dst.mlp.load_state_dict(src.mlp.state_dict())   # same n_exp and expert_hidden required
+        else:
+            if gptconf.expert_hidden != 4 * gptconf.n_embd:
+                raise ValueError(f"upcycling a dense MLP needs expert_hidden = 4 * n_embd = {4 * gptconf.n_embd}")
+            with torch.no_grad():
+                dst.mlp.experts.c_fc.copy_(src.mlp.c_fc.weight.T.expand_as(dst.mlp.experts.c_fc))
+                dst.mlp.experts.c_proj.copy_(src.mlp.c_proj.weight.T.expand_as(dst.mlp.experts.c_proj))
+                if gptconf.bias:
+                    dst.mlp.experts.b_fc.copy_(src.mlp.c_fc.bias.expand_as(dst.mlp.experts.b_fc))
+                    dst.mlp.experts.b_proj.copy_(src.mlp.c_proj.bias.expand_as(dst.mlp.experts.b_proj))
+    if upcycle_reorder:
+        for layer, score in hidden_unit_importance(target, [get_step_batches()[0] for _ in range(4)]).items():
+            layer.experts.reorder_hidden_units_(score)
+    return target
+
+
+if model is None:
+    try:
+        model = upcycle(init_from.split(":", 1)[1])
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    print(f"upcycled from {init_from.split(':', 1)[1]}" + (" with hidden units reordered" if upcycle_reorder else ""))
+model.to(device)
+if master_process:
+    print(f"parameters: {model.get_num_params() / 1e6:.2f}M, forward FLOPs/token at full width: "
+          f"{model.flops_per_token() / 1e6:.2f}M")
+# GradScaler only for float16 on cuda: bf16 has fp32's range, and fp32 needs no scaling
+scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16" and device_type == "cuda"))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    data_gen.set_state(checkpoint["rng"]["data"])
+    width_gen.set_state(checkpoint["rng"]["width"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if device_type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+checkpoint = None   # free memory
+raw_model = model   # evaluation and checkpoints always use the plain, unwrapped module
+if compile:
+    print("compiling the model... (takes a minute)")
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
+
+
+# -----------------------------------------------------------------------------
+# the MoSE recipe: which widths (and k) this step trains
+
+
+def random_width():
+    u = w_min + (1 - w_min) * torch.rand((), generator=width_gen).item()
+    return min(1.0, max(w_min, round(u / width_grid) * width_grid)) if width_grid else u
+
+
+def sample_widths():
+    """The widths trained this step; the widest comes first (it is the distillation teacher)."""
+    rand = lambda: [random_width() for _ in range(gptconf.n_moe_layers)] if width_per_layer else random_width()
+    if width_sampling == "none":
+        return [1.0]
+    if width_sampling == "max_random":   # the MoSE paper: the full width plus a random one
+        return [1.0] + [rand() for _ in range(n_random_widths)]
+    if width_sampling == "sandwich":     # slimmable networks: the widest, the narrowest, random ones between
+        return [1.0, w_min] + [rand() for _ in range(n_random_widths)]
+    return sorted(fixed_widths, reverse=True)
+
+
+def sample_k():
+    """Experts per token for each MoE layer this step (Matryoshka MoE), or None for the training k."""
+    draw = lambda: int(torch.randint(k_min, k_max + 1, (), generator=width_gen))
+    if k_sampling == "layer":
+        return [draw() for _ in range(gptconf.n_moe_layers)]
+    return draw() if k_sampling == "step" else None
+
+
+def get_lr(it):
+    if it < warmup_iters:   # linear warmup, non-zero at step 0
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters or not decay_lr:
+        return min_lr if decay_lr else learning_rate
+    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+eval_dials = [(w, None) for w in eval_widths] + [(1.0, k) for k in eval_k if k != k_exp]
+
+
+@torch.no_grad()
+def evaluate():
+    """Validation cross-entropy (no router losses) at every evaluation dial, plus train at full width.
+    The batches come from a fixed generator, so every dial and every evaluation sees the same text."""
+    raw_model.eval()
+    results = {}
+    for split, dials in (("train", [(1.0, None)]), ("val", eval_dials)):
+        gen, data = torch.Generator().manual_seed(seed + 2), load_split(split)
+        batches = [torch.randint(len(data) - block_size, (batch_size,), generator=gen) for _ in range(eval_iters)]
+        for w, k in dials:
+            losses = []
+            for ix in batches:
+                x, y = to_device(ix, data)
+                with ctx:
+                    losses.append(raw_model(x, y, width=w if n_exp else None, k_exp=k).loss.item())
+            results[(split, w, k)] = sum(losses) / len(losses)
+    raw_model.train()
+    return results
+
+
+def dial_name(w, k):
+    return f"w={w:g}" + (f",k={k}" if k else "")
+
+
+def save(iter_num, best_val_loss):
+    save_checkpoint({
+        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "model_args": asdict(gptconf), "iter_num": iter_num, "best_val_loss": best_val_loss,
+        "config": config, "meta": meta,   # the tokenizer travels with the weights
+        "rng": {"data": data_gen.get_state(), "width": width_gen.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None},
+    }, os.path.join(out_dir, "ckpt.pt"))
+
+
+# peak dense bf16/fp16 tensor FLOP/s by GPU name, for MFU; elsewhere MFU is not printed
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+              "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+peak_flops = None
+if device_type == "cuda":
+    name = torch.cuda.get_device_name()
+    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+if wandb_log and master_process:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if master_process else None
+
+
+def log(row):
+    if log_file:
+        log_file.write(json.dumps(row) + "\n")
+        log_file.flush()
+    if wandb_log and master_process:
+        wandb.log(row)
+
+
+# -----------------------------------------------------------------------------
+# the training loop
+t0, flops_done, tokens_done, iters_done = time.time(), 0.0, 0, 0   # since the last log line
+while True:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and master_process:
+        results = evaluate()
+        val = results[("val", 1.0, None)]
+        print(f"step {iter_num}: train {results[('train', 1.0, None)]:.4f}, val "
+              + ", ".join(f"{dial_name(w, k)} {results[('val', w, k)]:.4f}" for w, k in eval_dials))
+        log({"iter": iter_num, "lr": lr, **{f"{s}/{dial_name(w, k)}": v for (s, w, k), v in results.items()}})
+        improved = val < best_val_loss
+        best_val_loss = min(best_val_loss, val)
+        if iter_num > 0 and (improved or always_save_checkpoint):
+            print(f"saving checkpoint to {out_dir}")
+            save(iter_num, best_val_loss)
+        t0, flops_done, tokens_done, iters_done = time.time(), 0.0, 0, 0   # evaluation is not training time
+    if iter_num == max_iters or eval_only:
+        break
+
+    # one optimizer step: every micro-batch at every sampled width, gradients summed
+    widths, ks = sample_widths(), sample_k()
+    batches = get_step_batches()
+    full_loss = torch.zeros((), device=device)
+    for micro_step, (X, Y) in enumerate(batches):
+        teacher = None
+        for i, width in enumerate(widths):
+            if ddp:   # sync gradients only on the very last backward of the step (flat, instead of no_sync())
+                model.require_backward_grad_sync = micro_step == len(batches) - 1 and i == len(widths) - 1
+            with ctx:
+                out = model(X, Y, width=width if n_exp else None, k_exp=ks, k_pool=k_pool or None)
+                loss = out.loss + out.router_loss
+                if teacher is not None:   # in-place distillation: learn the widest width's predictions too
+                    kd = -(F.softmax(teacher, -1) * F.log_softmax(out.logits.float(), -1)).sum(-1).mean()
+                    loss = loss + distill_weight * kd
+            if i == 0:
+                full_loss += out.loss.detach() / len(batches)
+                teacher = out.logits.detach().float() if distill_weight > 0 else None
+            flops_done += 3 * out.stats["flops_per_token"].item() * X.numel()   # forward + backward
+            scaler.scale(loss / gradient_accumulation_steps).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    tokens_done += tokens_per_iter
+    iters_done += 1
+    iter_num += 1
+
+    if iter_num % log_interval == 0 and master_process:
+        lossf = full_loss.item()
+        if not math.isfinite(lossf):
+            fail(f"loss is {lossf} at iter {iter_num}: lower learning_rate, or use dtype=bfloat16/float32 "
+                 f"(the last good checkpoint is in {out_dir})")
+        dt = time.time() - t0
+        flops_rate = flops_done * ddp_world_size / dt
+        mfu = f", mfu {100 * flops_rate / ddp_world_size / peak_flops:.1f}%" if peak_flops else ""
+        print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {1000 * dt / iters_done:.0f} ms/iter, "
+              f"{tokens_done / dt:,.0f} tok/s, {flops_rate / 1e12:.3f} TFLOP/s{mfu}")
+        log({"iter": iter_num, "loss": lossf, "lr": lr, "widths": widths, "k": ks})
+        t0, flops_done, tokens_done, iters_done = time.time(), 0.0, 0, 0
+
+if master_process and iter_num > 0:
+    print("\nfinal validation loss (cross-entropy, no router losses):")
+    print(f"{'dial':>12} {'val loss':>9} {'FLOPs/token':>12}")
+    for w, k in eval_dials:
+        print(f"{dial_name(w, k):>12} {results[('val', w, k)]:9.4f} "
+              f"{raw_model.flops_per_token(w if n_exp else 1.0, k) / 1e6:11.3f}M")
+if ddp:
+    destroy_process_group()
