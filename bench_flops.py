@@ -123,6 +123,8 @@ print(f"evaluating on {n_windows * T:,} validation tokens of {dataset} ({n_windo
 def evaluate(model, width, k_exp):
     """Mean validation loss, its standard error over the windows, spent FLOPs/token, forward tokens/s."""
     seq_losses, expert_flops, seconds = [], [], 0.0
+    with ctx:
+        model(*val_batches[0], width=width, k_exp=k_exp)   # warm-up, untimed: first calls allocate
     for x, y in val_batches:
         if device_type == "cuda":
             torch.cuda.synchronize()
@@ -240,14 +242,14 @@ for name, (model, _) in models.items():
     for r in frontier(base):
         need = flops_to_reach(main_front, r["val_loss"], "flops_per_token")
         need_e = flops_to_reach(main_front, r["val_loss"], "expert_flops_per_token")
+        point = f"  {r['policy']} w={r['width']:g} k={r['k_exp'] or '-'}: loss {r['val_loss']:.4f} at " \
+                f"{r['flops_per_token'] / 1e6:.3f} MFLOPs/token"
         if need is None:
-            print(f"  {name} k={r['k_exp']} w={r['width']}: loss {r['val_loss']:.4f} at {r['flops_per_token'] / 1e6:.3f}M "
-                  f"- not reached by {main_name}")
+            print(f"{point}; {main_name} never reaches this loss")
             continue
-        saved = 1 - need / r["flops_per_token"]
-        saved_e = 1 - need_e / r["expert_flops_per_token"] if r["expert_flops_per_token"] else float("nan")
-        print(f"  {name} k={r['k_exp']} w={r['width']}: loss {r['val_loss']:.4f} at {r['flops_per_token'] / 1e6:.3f}M; "
-              f"{main_name} reaches it with {saved:+.1%} fewer total FLOPs, {saved_e:+.1%} fewer expert FLOPs")
+        saved_e = f", {1 - need_e / r['expert_flops_per_token']:+.1%} of expert FLOPs" if r["expert_flops_per_token"] else ""
+        print(f"{point}; {main_name} reaches it with {need / 1e6:.3f}: saves {1 - need / r['flops_per_token']:+.1%} "
+              f"of total FLOPs{saved_e}")
     ref = next((i for i, r in enumerate(rows) if r["model"] == name and r["policy"] != "confidence"
                 and r["width"] == 1.0 and r["k_exp"] == (model.config.k_exp if model.config.n_exp else None)), None)
     mine = next(i for i, r in enumerate(rows) if r["model"] == main_name and r["width"] == 1.0

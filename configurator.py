@@ -32,7 +32,7 @@ def coerce(key, value, default):
     else:
         ok = isinstance(value, type(default)) and not isinstance(value, bool)
     if not ok:
-        fail(f"--{key} must be a {type(default).__name__} (default {default!r}), got {value!r}")
+        fail(f"--{key} must be of type {type(default).__name__} like its default {default!r}, got {value!r}")
     return value
 
 

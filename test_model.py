@@ -2,6 +2,7 @@
 Run: python -m pytest -q"""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -313,3 +314,16 @@ def test_bad_config_and_dense_dials_raise():
         UniformWidth(0)
     with pytest.raises(ValueError, match="block_size"):
         tiny()(tokens(T=65))
+
+
+# --- the paper's model sizes, from the shipped OpenWebText configs ----------------------------------------
+
+@pytest.mark.parametrize("size,params", [("small", 55.1), ("standard", 322.6), ("medium", 1059.3)])
+def test_owt_configs_have_the_papers_parameter_counts(size, params, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.abspath(__file__)))   # config files exec each other by path
+    values = {}
+    exec(f"exec(open('config/train_owt_mose_{size}.py').read())", {}, values)
+    keys = ("n_layer", "n_head", "n_embd", "n_exp", "k_exp", "moe_stride", "expert_hidden", "width_multiple")
+    with torch.device("meta"):   # no memory, no init cost: only the shapes
+        model = GPT(GPTConfig(block_size=values["block_size"], **{k: values[k] for k in keys}))
+    assert round(model.get_num_params(non_embedding=False) / 1e6, 1) == params

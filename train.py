@@ -68,6 +68,8 @@ width_grid = 0.0                # > 0: random widths snapped to this grid (e.g. 
 fixed_widths = (1.0, 0.5)       # the widths of width_sampling='fixed'
 width_per_layer = False         # each MoE layer draws its own random width
 distill_weight = 0.0            # in-place distillation of narrower widths from the widest (detached)
+width_data = "same"             # 'same': every width trains on the step's batch (slimmable networks, the
+                                # MoSE paper); 'fresh': each width draws its own batch (more text per step)
 # elastic top-k
 k_sampling = "none"             # 'none' | 'layer' (Matryoshka MoE: each MoE layer k ~ U[k_min, k_max]) | 'step'
 k_min = 1
@@ -99,6 +101,10 @@ config = configure(globals())
 # checks that fail early with one line, rather than deep inside a run
 if width_sampling not in ("max_random", "sandwich", "fixed", "none"):
     fail(f"width_sampling must be max_random, sandwich, fixed or none, got '{width_sampling}'")
+if width_data not in ("same", "fresh"):
+    fail(f"width_data must be same or fresh, got '{width_data}'")
+if width_data == "fresh" and distill_weight > 0:
+    fail("in-place distillation needs every width on the same batch: use width_data='same'")
 if k_sampling not in ("none", "layer", "step"):
     fail(f"k_sampling must be none, layer or step, got '{k_sampling}'")
 k_max = k_max or k_exp
@@ -426,12 +432,14 @@ while True:
     # one optimizer step: every micro-batch at every sampled width, gradients summed
     widths, ks = sample_widths(), sample_k()
     batches = get_step_batches()
+    batches = [batches] + [get_step_batches() if width_data == "fresh" else batches for _ in widths[1:]]
     full_loss = torch.zeros((), device=device)
-    for micro_step, (X, Y) in enumerate(batches):
+    for micro_step in range(gradient_accumulation_steps):
         teacher = None
         for i, width in enumerate(widths):
+            X, Y = batches[i][micro_step]
             if ddp:   # sync gradients only on the very last backward of the step (flat, instead of no_sync())
-                model.require_backward_grad_sync = micro_step == len(batches) - 1 and i == len(widths) - 1
+                model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1 and i == len(widths) - 1
             with ctx:
                 out = model(X, Y, width=width if n_exp else None, k_exp=ks, k_pool=k_pool or None)
                 loss = out.loss + out.router_loss
@@ -439,7 +447,7 @@ while True:
                     kd = -(F.softmax(teacher, -1) * F.log_softmax(out.logits.float(), -1)).sum(-1).mean()
                     loss = loss + distill_weight * kd
             if i == 0:
-                full_loss += out.loss.detach() / len(batches)
+                full_loss += out.loss.detach() / gradient_accumulation_steps
                 teacher = out.logits.detach().float() if distill_weight > 0 else None
             flops_done += 3 * out.stats["flops_per_token"].item() * X.numel()   # forward + backward
             scaler.scale(loss / gradient_accumulation_steps).backward()
@@ -449,7 +457,7 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    tokens_done += tokens_per_iter
+    tokens_done += tokens_per_iter * (len(widths) if width_data == "fresh" else 1)
     iters_done += 1
     iter_num += 1
 
@@ -463,7 +471,8 @@ while True:
         mfu = f", mfu {100 * flops_rate / ddp_world_size / peak_flops:.1f}%" if peak_flops else ""
         print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {1000 * dt / iters_done:.0f} ms/iter, "
               f"{tokens_done / dt:,.0f} tok/s, {flops_rate / 1e12:.3f} TFLOP/s{mfu}")
-        log({"iter": iter_num, "loss": lossf, "lr": lr, "widths": widths, "k": ks})
+        load = [[round(f, 4) for f in layer.tolist()] for layer in out.stats["load"]]   # last pass, per MoE layer
+        log({"iter": iter_num, "loss": lossf, "lr": lr, "widths": widths, "k": ks, "expert_load": load})
         t0, flops_done, tokens_done, iters_done = time.time(), 0.0, 0, 0
 
 if master_process and iter_num > 0:

@@ -1,0 +1,47 @@
+# MoSE "GPT2-Small" on OpenWebText: 6 layers / 6 heads / 384 wide, 8 experts, top-2, an MoE layer in every other
+# block (nanoMoE's layout; 55.1M parameters with a 50304 vocabulary). Meant for GPUs:
+# python prepare_data.py openwebtext
+# torchrun --standalone --nproc_per_node=4 train.py config/train_owt_mose_small.py
+out_dir = 'out-owt-mose-small'
+dataset = 'openwebtext'
+wandb_log = False
+wandb_project = 'nanomose-owt'
+wandb_run_name = 'mose-small'
+
+# 12 sequences x 1024 tokens x 40 accumulation steps = 491,520 tokens per step (nanoGPT's GPT-2 batch);
+# 6,000 steps is about 3B tokens, the low end of the paper's "3-15B tokens"
+batch_size = 12
+block_size = 1024
+gradient_accumulation_steps = 40
+max_iters = 6000
+lr_decay_iters = 6000
+eval_interval = 500
+eval_iters = 100
+log_interval = 10
+
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.0
+n_exp = 8
+k_exp = 2
+moe_stride = 2
+expert_hidden = 1536             # 4 * n_embd: each expert is a GPT-2 MLP
+width_multiple = 64              # hidden sizes in multiples of 64 keep the matmuls tensor-core shaped
+aux_loss_weight = 0.01
+z_loss_weight = 0.001
+
+# MoSE: full width plus one random width per step, widths on the 0.05 grid the paper uses at inference
+width_sampling = 'max_random'
+w_min = 0.25
+width_grid = 0.05
+eval_widths = (1.0, 0.75, 0.5, 0.25)
+eval_k = (1, 4)
+
+# nanoGPT's GPT-2 optimizer settings
+learning_rate = 6e-4
+min_lr = 6e-5
+warmup_iters = 500
+weight_decay = 0.1
+beta2 = 0.95
+compile = True

@@ -1,0 +1,94 @@
+"""Tests of bench_flops.py on tiny MoSE / MoE / dense checkpoints trained inside the test."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--n_exp=4", "--k_exp=2", "--expert_hidden=64",
+        "--batch_size=8", "--block_size=32", "--eval_iters=1", "--log_interval=5", "--learning_rate=3e-3",
+        "--max_iters=40", "--eval_interval=40", "--warmup_iters=5"]
+KEYS = {"model", "policy", "width", "k_exp", "gamma", "flops_per_token", "expert_flops_per_token", "rel_flops",
+        "val_loss", "val_loss_stderr", "tokens_per_s"}
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(char_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    for name, extra in (("mose", []), ("moe", ["--width_sampling=none"]), ("dense", ["--n_exp=0"])):
+        p = run("train.py", f"--data_dir={char_data}", f"--out_dir={root / name}", *TINY, *extra)
+        assert p.returncode == 0, p.stderr[-2000:]
+    return root
+
+
+@pytest.fixture(scope="module")
+def bench(checkpoints, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "rows.json"
+    p = run("bench_flops.py", f"--out_dir={checkpoints / 'mose'}", f"--compare={checkpoints / 'moe'},{checkpoints / 'dense'}",
+            "--quick=True", "--eval_tokens=4096", "--ttt_batches=10", f"--json={path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.load(open(path)), p.stdout
+
+
+def test_rows_and_schema(bench):
+    rows, _ = bench
+    assert all(KEYS <= set(r) for r in rows)
+    by = lambda **kw: [r for r in rows if all(r[k] == v for k, v in kw.items())]
+    assert len(by(model="mose", policy="uniform", k_exp=2)) == 2          # the quick width grid: 1.0, 0.5
+    assert {r["k_exp"] for r in by(model="mose", width=1.0, policy="uniform")} == {1, 2}
+    assert len(by(model="mose", policy="confidence")) == 1 and len(by(model="mose", policy="ttt")) == 1
+    assert by(model="moe", policy="uniform") and not by(model="moe", policy="ttt")
+    assert len(by(model="dense")) == 1 and by(model="dense")[0]["expert_flops_per_token"] == 0
+    for r in rows:
+        assert r["val_loss"] > 0 and 0 < r["val_loss_stderr"] < 0.2 and r["tokens_per_s"] > 0
+    full = by(model="mose", policy="uniform", width=1.0, k_exp=2)[0]
+    assert full["rel_flops"] == 1.0
+
+
+def test_flops_ordered_by_width_and_k(bench):
+    rows, _ = bench
+    uni = [r for r in rows if r["model"] == "mose" and r["policy"] == "uniform"]
+    at_k2 = sorted((r for r in uni if r["k_exp"] == 2), key=lambda r: r["width"])
+    assert all(a["flops_per_token"] < b["flops_per_token"] for a, b in zip(at_k2, at_k2[1:]))
+    at_w1 = sorted((r for r in uni if r["width"] == 1.0), key=lambda r: r["k_exp"])
+    assert all(a["flops_per_token"] < b["flops_per_token"] for a, b in zip(at_w1, at_w1[1:]))
+
+
+def test_budgets_are_met(bench):
+    rows, _ = bench
+    for r in rows:
+        if r["policy"] == "ttt":   # fitted on train text, measured on validation text
+            assert abs(r["expert_flops_per_token"] / [x for x in rows if x["model"] == "mose" and x["width"] == 1.0
+                       and x["k_exp"] == 2][0]["expert_flops_per_token"] / 0.5 - 1) < 0.05
+
+
+def test_printed_frontier_is_the_non_dominated_set(bench):
+    rows, out = bench
+    dominated = lambda r: any(o["flops_per_token"] <= r["flops_per_token"] and o["val_loss"] < r["val_loss"]
+                              for o in rows)
+    expected = sorted(round(r["flops_per_token"] / 1e6, 3) for r in rows if not dominated(r))
+    section = out.split("Pareto frontier (all models):")[1].split("\n\n")[0].strip().splitlines()
+    printed = sorted(float(line.split()[6]) for line in section)
+    assert printed == expected
+    assert re.search(r"mose reaches it with|never reaches this loss", out)
+    assert "paired over the same" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--widths=(0.0,)"], "width must be in (0, 1]"),
+    (["--ttt_budgets=(1.5,)"], "budgets must be in"),
+    (["--out_dir=/nonexistent"], "no checkpoint at /nonexistent"),
+    (["--policy=uniform"], "unknown config key 'policy'"),
+])
+def test_bad_flags_are_one_clear_line(checkpoints, args, message):
+    p = run("bench_flops.py", f"--out_dir={checkpoints / 'mose'}", *args)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and message in p.stderr, p.stderr
