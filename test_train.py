@@ -76,7 +76,8 @@ def test_elastic_k_schemes(data_dir, tmp_path):
 
 
 def test_resume_is_exact(data_dir, tmp_path):
-    common = ["--eval_interval=5", "--always_save_checkpoint=True", "--dropout=0.1", "--k_pool=3"]
+    # a fixed schedule length: with lr_decay_iters=0 it would follow each run's max_iters
+    common = ["--eval_interval=5", "--always_save_checkpoint=True", "--dropout=0.1", "--k_pool=3", "--lr_decay_iters=10"]
     train(data_dir, tmp_path / "a", "--max_iters=10", *common)
     train(data_dir, tmp_path / "b", "--max_iters=5", *common)
     train(data_dir, tmp_path / "b", "--max_iters=10", "--init_from=resume", *common)

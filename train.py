@@ -339,10 +339,12 @@ def sample_k():
 
 
 def get_lr(it):
+    if not decay_lr:
+        return learning_rate
     if it < warmup_iters:   # linear warmup, non-zero at step 0
         return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it > lr_decay_iters or not decay_lr:
-        return min_lr if decay_lr else learning_rate
+    if it >= lr_decay_iters:
+        return min_lr
     ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
