@@ -22,18 +22,24 @@ SHAKESPEARE_SIZE = 1_115_394
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
-def fail(msg):
-    sys.exit(f"prepare_data.py: {msg}")
+def fail(msg, code=1):
+    """One line on stderr and a non-zero exit: these are user errors, a traceback would only hide the fix."""
+    print(f"prepare_data.py: {msg}", file=sys.stderr)
+    sys.exit(code)
 
 
 def parse_args(argv):
-    if not argv or argv[0].startswith("--"):
-        fail("name the dataset first: python prepare_data.py shakespeare_char|shakespeare|openwebtext|NAME [--input=PATH]")
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        sys.exit(0)
+    if not argv or argv[0].startswith("-"):
+        fail("name the dataset first: python prepare_data.py shakespeare_char|shakespeare|openwebtext|NAME "
+             "[--input=PATH]", code=2)
     name, opts = argv[0], {"input": None, "tokenizer": None, "out_dir": "data"}
     for arg in argv[1:]:
         key, sep, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not sep or key not in opts:
-            fail(f"unknown option '{arg}' (options: --input=PATH, --tokenizer=char|gpt2, --out_dir=DIR)")
+            fail(f"unknown option '{arg}' (options: --input=PATH, --tokenizer=char|gpt2, --out_dir=DIR)", code=2)
         opts[key] = value
     return name, opts
 
@@ -46,18 +52,22 @@ def fetch_shakespeare(path):
             r = requests.get(SHAKESPEARE_URL, timeout=30)
             r.raise_for_status()
         except requests.RequestException as e:
-            fail(f"could not download Tiny Shakespeare ({type(e).__name__}); "
-                 f"pass a local copy with --input=PATH/input.txt")
-        with open(path, "wb") as f:
+            fail(f"could not download Tiny Shakespeare ({type(e).__name__}). "
+                 f"Pass a local copy of {SHAKESPEARE_URL} with --input=PATH/input.txt")
+        with open(path + ".part", "wb") as f:   # renamed only when complete: a half file is never reused
             f.write(r.content)
+        os.replace(path + ".part", path)
     return path
 
 
-def check_shakespeare(path):
-    data = open(path, "rb").read()
+def check_shakespeare(path, given):
+    """The expected token counts (and any comparison with other runs) only hold for this exact file."""
+    with open(path, "rb") as f:
+        data = f.read()
     if len(data) != SHAKESPEARE_SIZE or hashlib.sha256(data).hexdigest() != SHAKESPEARE_SHA256:
-        fail(f"{path} is not Tiny Shakespeare ({len(data):,} bytes; expected {SHAKESPEARE_SIZE:,} bytes with "
-             f"sha256 {SHAKESPEARE_SHA256[:12]}...): delete it to download again, or pass the right file with --input")
+        fix = "pass the right file with --input" if given else "delete it to download again, or pass a copy with --input"
+        fail(f"{path} is not Tiny Shakespeare: {len(data):,} bytes, expected {SHAKESPEARE_SIZE:,} bytes with "
+             f"sha256 {SHAKESPEARE_SHA256}; {fix}")
 
 
 def write_split(ids, path):
@@ -74,23 +84,36 @@ def char_tokenizer(text):
     return (lambda s: [stoi[c] for c in s]), meta
 
 
-def gpt2_tokenizer(text):
+def gpt2_encoding():
     import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    try:   # tiktoken downloads its BPE files on first use; offline it needs a cache (TIKTOKEN_CACHE_DIR)
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        fail(f"could not load tiktoken's gpt2 encoding ({type(e).__name__}): go online once, or set "
+             f"TIKTOKEN_CACHE_DIR to a folder holding its cached files")
+
+
+def gpt2_tokenizer(text):
+    enc = gpt2_encoding()
     return enc.encode_ordinary, {"tokenizer": "gpt2", "vocab_size": enc.n_vocab}
 
 
 def prepare_text(text, tokenizer, out):
     encode, meta = char_tokenizer(text) if tokenizer == "char" else gpt2_tokenizer(text)
+    if meta["vocab_size"] > 65536:   # fail before writing anything rather than leave a half-written dataset
+        fail(f"{meta['vocab_size']:,} distinct characters: token ids must fit in uint16 (at most 65,536); "
+             f"use --tokenizer=gpt2")
+    os.makedirs(out, exist_ok=True)
     n = int(0.9 * len(text))   # first 90% of the text is train, the last 10% val: no overlap between them
     train_ids, val_ids = encode(text[:n]), encode(text[n:])
     write_split(train_ids, os.path.join(out, "train.bin"))
     write_split(val_ids, os.path.join(out, "val.bin"))
     with open(os.path.join(out, "meta.pkl"), "wb") as f:
         pickle.dump(meta, f)
-    print(f"{len(text):,} characters, vocabulary {meta['vocab_size']:,} ({tokenizer}): "
-          f"train {len(train_ids):,} tokens, val {len(val_ids):,} tokens -> {out}")
-    # shakespeare_char: 1,115,394 characters, vocabulary 65: train 1,003,854 tokens, val 111,540 tokens
+    print(f"{len(text):,} characters, vocabulary {meta['vocab_size']:,} ({tokenizer})")
+    # shakespeare_char: 1,115,394 characters, vocabulary 65; shakespeare: vocabulary 50,257
+    print(f"train {len(train_ids):,} tokens, val {len(val_ids):,} tokens -> {out}")
+    # shakespeare_char: train 1,003,854 tokens, val 111,540 tokens
     # shakespeare (gpt2): train 301,966 tokens, val 36,059 tokens
 
 
@@ -100,8 +123,8 @@ def prepare_openwebtext(out, num_proc=8):
         from datasets import load_dataset
     except ImportError:
         fail("openwebtext needs the 'datasets' package: pip install datasets")
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
+    os.makedirs(out, exist_ok=True)
     split = load_dataset("openwebtext", num_proc=num_proc)["train"].train_test_split(
         test_size=0.0005, seed=2357, shuffle=True)
     split["val"] = split.pop("test")
@@ -136,24 +159,27 @@ if __name__ == "__main__":
     if tokenizer not in ("char", "gpt2"):
         fail(f"--tokenizer must be char or gpt2, got '{tokenizer}'")
     out = os.path.join(opts["out_dir"], name)
-    if opts["input"] and not os.path.isfile(opts["input"]):
+    given = opts["input"] is not None
+    if given and not os.path.isfile(opts["input"]):
         fail(f"--input={opts['input']}: no such file")
-    if name == "openwebtext" and not opts["input"]:
-        os.makedirs(out, exist_ok=True)
+    if name == "openwebtext" and not given:
+        if tokenizer != "gpt2":
+            fail("openwebtext is prepared with --tokenizer=gpt2 only")
         prepare_openwebtext(out)
         sys.exit(0)
     if name in ("shakespeare_char", "shakespeare"):
-        os.makedirs(out, exist_ok=True)
-        path = opts["input"] or fetch_shakespeare(os.path.join(out, "input.txt"))
-        check_shakespeare(path)
-    elif not opts["input"]:
+        if not given:
+            os.makedirs(out, exist_ok=True)
+        path = opts["input"] if given else fetch_shakespeare(os.path.join(out, "input.txt"))
+        check_shakespeare(path, given)
+    elif not given:
         fail(f"'{name}' is not a known dataset (shakespeare_char, shakespeare, openwebtext): "
              f"pass your own text with --input=PATH")
     else:
         path = opts["input"]
-    os.makedirs(out, exist_ok=True)
-    try:
-        text = open(path, encoding="utf-8").read()
+    try:   # newline="": keep the text exactly as it is in the file (\r\n included), so decoding gives it back
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
     except UnicodeDecodeError as e:
         fail(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})")
     prepare_text(text, tokenizer, out)

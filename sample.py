@@ -1,13 +1,15 @@
 """
 Sample from a trained model at a chosen compute:
 
-    python sample.py --out_dir=out-shakespeare-mose                              # full width
-    python sample.py --out_dir=out-shakespeare-mose --width=0.5 --k_exp=1        # the two dials by hand
-    python sample.py --out_dir=out-shakespeare-mose --policy=ttt --budget=0.5    # half the expert FLOPs
+    python sample.py --out_dir=out-shakespeare-mose                               # full width
+    python sample.py --out_dir=out-shakespeare-mose --width=0.5 --k_exp=1         # the two dials by hand
+    python sample.py --out_dir=out-shakespeare-mose --policy=confidence --gamma=2 --width=0.5
+    python sample.py --out_dir=out-shakespeare-mose --policy=ttt --budget=0.5     # half the expert FLOPs
 
-With --budget (a fraction of the full-width expert FLOPs) the script picks the settings that meet it: uniform
-takes width = budget; confidence fits Gamma to the budget on validation text; ttt first learns gamma there.
-It prints, with each sample, the FLOPs per token the model actually spent and the tokens per second.
+--budget is a fraction of the full-width expert FLOPs at the k_exp used; the script picks the settings that
+meet it: uniform takes width = budget, confidence fits Gamma on validation text, ttt first learns gamma there
+(test-time training) and then fits Gamma. After each sample it prints the FLOPs per token the model actually
+spent and the tokens per second.
 """
 
 import os
@@ -26,28 +28,28 @@ start = "\n"              # the prompt, or "FILE:prompt.txt" to read it from a f
 num_samples = 3
 max_new_tokens = 500
 temperature = 0.8         # < 1 sharpens, > 1 flattens the next-token distribution
-top_k = 200               # sample among the top_k most likely tokens (0 = all); not the expert count, k_exp
+top_k = 200               # sample among the top_k most likely tokens (0 = all); not the expert count k_exp
 seed = 1337
-device = "auto"
-dtype = "auto"
+device = "auto"           # cuda, then mps, then cpu
+dtype = "auto"            # bfloat16 on cuda where supported, else float16; float32 elsewhere
 compile = False
 use_cache = True          # KV cache: keys/values of earlier positions are kept between steps
 # the compute dials
-width = 1.0               # uniform width; the confidence policy's Gamma when there is no budget
-k_exp = 0                 # experts per token; 0 = the training value
+width = 1.0               # uniform width; the confidence policy's Gamma (mean-width budget) without --budget
+k_exp = 0                 # experts per token; 0 = the checkpoint's training value
 policy = "uniform"        # uniform | confidence | ttt
-gamma = 1.0               # confidence policy: sharpness
+gamma = 1.0               # confidence policy: sharpness of the router probabilities
 budget = 0.0              # 0 = none; else a fraction in (0, 1] of the full-width expert FLOPs
-w_min = 0.25
-ttt_batches = 50          # the paper: 50 batches of 6 sequences, SGD, lr 0.01
+w_min = 0.25              # confidence / ttt: the narrowest width an expert may get
+ttt_batches = 50          # calibration text for budgets: the paper's 50 batches of 6 sequences, SGD lr 0.01
 ttt_batch_size = 6
 ttt_lr = 0.01
-data_dir = ""             # calibration text; '' = the checkpoint's data_dir and dataset
+data_dir = ""             # where the calibration text lives; '' = the checkpoint's data_dir and dataset
 dataset = ""
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
-# check the dials before any work, so a typo costs nothing
+# check every dial before any work, so a typo costs nothing (the messages match model.make_policy's)
 try:
     check_width(width)
     if policy not in POLICIES:
@@ -55,17 +57,42 @@ try:
     if budget and not 0 < budget <= 1:
         raise ValueError(f"budget must be in (0, 1] (a fraction of full-width expert FLOPs), got {budget}")
     if policy == "ttt" and not budget:
-        raise ValueError("policy 'ttt' learns gamma for a FLOPs budget: pass --budget")
+        raise ValueError("policy 'ttt' learns gamma for a FLOPs budget: pass --budget in (0, 1]")
+    if budget and width != 1.0:   # both would set the compute; silently preferring one hides a mistake
+        raise ValueError("--width and --budget both set the compute: give one of them")
+    if k_exp < 0:
+        raise ValueError(f"k_exp must be >= 1, or 0 for the checkpoint's training value; got {k_exp}")
+    if not 0 < w_min <= 1:
+        raise ValueError(f"w_min must be in (0, 1], got {w_min}")
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0 (0 = every expert gets the same width), got {gamma}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k < 0 or max_new_tokens < 1 or num_samples < 0:
+        raise ValueError("need top_k >= 0, max_new_tokens >= 1 and num_samples >= 0")
+    if budget and policy != "uniform" and (ttt_batches < 1 or ttt_batch_size < 1 or not ttt_lr > 0):
+        raise ValueError("fitting a budget needs ttt_batches >= 1, ttt_batch_size >= 1 and ttt_lr > 0")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
 except ValueError as e:
     fail(str(e))
+
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-device_type = device.split(":")[0]
+try:
+    device_type = torch.device(device).type
+except RuntimeError:
+    fail(f"device must be auto, cpu, cuda, cuda:N or mps; got '{device}'")
+if (device_type == "cuda" and not torch.cuda.is_available()) or \
+        (device_type == "mps" and not torch.backends.mps.is_available()):
+    fail(f"device '{device}' is not available on this machine (try --device=cpu)")
 if dtype == "auto":
     dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 torch.manual_seed(seed)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
 
 try:
     model, checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
@@ -73,14 +100,19 @@ except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 model.eval()
 cfg = model.config
-if cfg.n_exp == 0 and (width != 1.0 or k_exp or policy != "uniform" or budget):
-    fail("this checkpoint is a dense GPT (n_exp=0): it has no width or k_exp dial")
-if cfg.n_exp and not 0 <= k_exp <= cfg.n_exp:
-    fail(f"k_exp must be in [1, n_exp={cfg.n_exp}] (0 = the training value {cfg.k_exp}), got {k_exp}")
-k = (k_exp or cfg.k_exp) if cfg.n_exp else None
+if cfg.n_exp == 0:
+    if width != 1.0 or k_exp or policy != "uniform" or budget:
+        fail("this checkpoint is a dense GPT (n_exp=0): it has no width, k_exp, policy or budget dial")
+    k = None
+else:
+    k = k_exp or cfg.k_exp
+    try:
+        model.resolve_dials(None, k)   # the model's own range check for k_exp
+    except ValueError as e:
+        fail(f"{e} (0 = the training value {cfg.k_exp})")
 
 # the tokenizer travels in the checkpoint
-meta = checkpoint["meta"]
+meta = checkpoint.get("meta") or {"tokenizer": "gpt2"}
 if meta["tokenizer"] == "char":
     stoi, itos = meta["stoi"], meta["itos"]
 
@@ -88,9 +120,11 @@ if meta["tokenizer"] == "char":
         unknown = sorted({c for c in s if c not in stoi})
         if unknown:
             fail(f"the prompt has characters outside this model's vocabulary: {', '.join(map(repr, unknown))} "
-                 f"(it knows {len(stoi)} characters)")
+                 f"(the model knows {len(stoi)} characters)")
         return [stoi[c] for c in s]
-    decode = lambda ids: "".join(itos[i] for i in ids)
+
+    def decode(ids):
+        return "".join(itos[i] for i in ids)
 else:
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
@@ -98,49 +132,72 @@ else:
     decode = enc.decode
 if start.startswith("FILE:"):
     try:
-        start = open(start[5:], encoding="utf-8").read()
-    except OSError as e:
-        fail(f"cannot read the prompt file {start[5:]}: {e.strerror}")
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read the prompt file {start[5:]}: {getattr(e, 'strerror', None) or e}")
 start_ids = encode(start)
 if not start_ids:
     fail("the prompt is empty: give at least one token with --start")
 
 
 def calibration_batches():
-    """Random windows of the validation split, the text the budget is fitted on."""
-    path = os.path.join(data_dir or checkpoint["config"]["data_dir"], dataset or checkpoint["config"]["dataset"],
-                        "val.bin")
+    """(x, y) pairs of random block_size windows from the validation split, drawn with a fixed seed so a
+    budget fits the same way every run. The budget is met on this text, not on the model's own samples."""
+    saved = checkpoint.get("config", {})
+    split_dir = os.path.join(data_dir or saved.get("data_dir", "data"), dataset or saved.get("dataset", ""))
+    path = os.path.join(split_dir, "val.bin")
     if not os.path.exists(path):
-        fail(f"fitting a budget needs validation text: no {path} (pass --data_dir and --dataset)")
+        fail(f"fitting a budget needs validation text: no {path} (set --data_dir and --dataset)")
     data = np.memmap(path, dtype=np.uint16, mode="r")
-    gen, T = torch.Generator().manual_seed(seed), cfg.block_size
-    batches = []
-    for _ in range(ttt_batches):
-        ix = torch.randint(len(data) - T, (ttt_batch_size,), generator=gen).tolist()
-        x = torch.from_numpy(np.stack([data[i:i + T] for i in ix]).astype(np.int64)).to(device)
-        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + T] for i in ix]).astype(np.int64)).to(device)
-        batches.append((x, y))
-    return batches
+    T = cfg.block_size
+    if len(data) <= T:
+        fail(f"{path} has {len(data)} tokens: too few for windows of block_size {T} + 1")
+    gen = torch.Generator().manual_seed(seed)
+    ix = torch.randint(len(data) - T, (ttt_batches, ttt_batch_size), generator=gen)
+    xs = torch.from_numpy(np.stack([data[i:i + T + 1] for i in ix.flatten().tolist()]).astype(np.int64))
+    if xs.max() >= cfg.vocab_size:   # e.g. GPT-2 tokens fed to a char model: say so instead of an index error
+        fail(f"{path} has token ids up to {int(xs.max())}, beyond this model's vocabulary ({cfg.vocab_size}): "
+             f"is it the dataset the model was trained on?")
+    xs = xs.view(ttt_batches, ttt_batch_size, T + 1).to(device)
+    return [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in xs]
 
 
-dial = None
+# the operating point: a width or a policy for forward(); fitting needs gradients (ttt), so no no_grad here
+dial, how = None, ""
 if cfg.n_exp:
+    fits = bool(budget) and policy != "uniform"
     t0 = time.time()
     try:
-        dial = make_policy(model, policy, width, budget or None, gamma, k,
-                           calibration_batches() if budget and policy != "uniform" else None, w_min, ttt_lr=ttt_lr)
+        with ctx:
+            dial = make_policy(model, policy, width, budget or None, gamma, k,
+                               calibration_batches() if fits else None, w_min, ttt_lr=ttt_lr)
     except ValueError as e:
         fail(str(e))
-    fitted = f" (fitted in {time.time() - t0:.1f}s)" if budget and policy != "uniform" else ""
-    print(f"operating point: policy {policy}, width {dial!r}, k_exp {k}{fitted}")
-full = model.flops_breakdown(1.0, k)   # the reference: every expert at full width, at this k_exp
-print(f"full width at k_exp={k}: {full['total'] / 1e6:.3f} MFLOPs/token ({full['experts'] / 1e6:.3f} in the experts)")
+    model.eval()
+    if fits:
+        how = (f", fitted to budget {budget:g} on {ttt_batches} x {ttt_batch_size} validation windows "
+               f"in {time.time() - t0:.1f}s")
+    elif budget:
+        how = f", width = budget {budget:g}"
+full = model.flops_breakdown(1.0)          # the reference: every expert at full width, training k_exp
+full_k = model.flops_breakdown(1.0, k)     # the expert budget's reference: full width at the k_exp used
+at_k = "" if k in (None, cfg.k_exp) else f" at k_exp={cfg.k_exp}"
+if cfg.n_exp:
+    point = f"policy {policy}, {'width ' if isinstance(dial, float) else ''}{dial!r}, k_exp {k}{how}"
+    ref = f"full width{at_k}: {full['total'] / 1e6:.3f} MFLOPs/token ({full['experts'] / 1e6:.3f} in the experts" + \
+        (f"; {full_k['experts'] / 1e6:.3f} at k_exp={k}" if at_k else "") + ")"
+else:
+    point, ref = "dense GPT (no dials)", f"{full['total'] / 1e6:.3f} MFLOPs/token"
+print(f"operating point: {point}; {ref}")
 if compile:
-    model = torch.compile(model)
+    model.compile()   # compiles forward in place: generate() calls it through self(...)
 
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 with torch.no_grad(), ctx:
     for _ in range(num_samples):
+        if device_type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.time()
         y, spent = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, width=dial,
                                   k_exp=k, use_cache=use_cache)
@@ -148,7 +205,12 @@ with torch.no_grad(), ctx:
             torch.cuda.synchronize()
         dt = time.time() - t0
         print(decode(y[0].tolist()))
-        spent_experts = spent - full["non_expert"]
-        print(f"--- spent {spent / 1e6:.3f} MFLOPs/token ({spent / full['total']:.1%} of full width; experts "
-              f"{spent_experts / full['experts'] if full['experts'] else 0:.1%}), {max_new_tokens / dt:.1f} tokens/s")
+        # generate's stats add the (constant) non-expert FLOPs to what the experts spent, so subtract them back
+        if cfg.n_exp:
+            experts = f"; experts {100 * (spent - full_k['non_expert']) / full_k['experts']:.1f} %" + \
+                (f" at k_exp={k}" if at_k else "")
+        else:
+            experts = "; dense"
+        print(f"spent {spent / 1e6:.3f} MFLOPs/token ({100 * spent / full['total']:.1f} % of full width{at_k}"
+              f"{experts}), {max_new_tokens / dt:.1f} tokens/s")
         print("---------------")
