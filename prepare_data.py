@@ -65,7 +65,7 @@ def check_shakespeare(path, given):
     with open(path, "rb") as f:
         data = f.read()
     if len(data) != SHAKESPEARE_SIZE or hashlib.sha256(data).hexdigest() != SHAKESPEARE_SHA256:
-        fix = "pass the right file with --input" if given else "delete it to download again, or pass a copy with --input"
+        fix = "pass the right file with --input" if given else "delete it to download again, or pass one with --input"
         fail(f"{path} is not Tiny Shakespeare: {len(data):,} bytes, expected {SHAKESPEARE_SIZE:,} bytes with "
              f"sha256 {SHAKESPEARE_SHA256}; {fix}")
 
