@@ -15,13 +15,12 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import configure, fail
+from configurator import configure, fail, setup_device
 from model import check_width, load_checkpoint, make_policy
 
 # -----------------------------------------------------------------------------
@@ -33,7 +32,7 @@ eval_tokens = 131072               # validation tokens per operating point (non-
 batch_size = 32
 widths = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0)
 grid_widths = (0.25, 0.5, 0.75)    # width x k_exp combinations
-gammas = (0.0, 1.0, 2.0, 4.0)      # confidence policy, each fitted to every budget in conf_budgets
+gammas = (0.0, 1.0, 2.0, 4.0, 8.0) # confidence policy, each fitted to every budget in conf_budgets
 conf_budgets = (0.75, 0.5, 0.3)
 ttt_budgets = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3)
 ttt_batches = 50                   # the paper: 50 batches of 6 sequences, SGD lr 0.01
@@ -61,13 +60,7 @@ try:
             raise ValueError(f"budgets must be in [w_min={w_min}, 1] (fractions of full-width expert FLOPs), got {b}")
 except ValueError as e:
     fail(str(e))
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-device_type = device.split(":")[0]
-if dtype == "auto":
-    dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+device, device_type, dtype, ctx = setup_device(device, dtype)
 torch.manual_seed(seed)
 
 # the models: the MoSE checkpoint first, then the baselines
@@ -99,6 +92,9 @@ def load_split(split):
 # between rows are paired); on Tiny Shakespeare the default covers the whole split
 val = load_split("val")
 n_windows = min(eval_tokens // T, (len(val) - 1) // T)
+if n_windows < 2:   # a standard error needs at least two windows
+    fail(f"{dataset}'s val.bin has {len(val)} tokens, fewer than two windows of block_size {T} + 1: "
+         f"use more text" + (f" or a larger --eval_tokens (now {eval_tokens})" if eval_tokens // T < 2 else ""))
 starts = np.arange(n_windows) * T
 val_batches = []
 for i in range(0, n_windows, batch_size):
@@ -108,6 +104,8 @@ for i in range(0, n_windows, batch_size):
     val_batches.append((x, y))
 # calibration text for fitting policies comes from the train split: never fit on what is reported
 train = load_split("train")
+if len(train) <= T:
+    fail(f"{dataset}'s train.bin has {len(train)} tokens, too few for a calibration window of block_size {T} + 1")
 gen = torch.Generator().manual_seed(seed)
 calib_batches = []
 for _ in range(ttt_batches):
@@ -171,6 +169,16 @@ def format_row(r):
             f"{r['val_loss']:7.4f} ±{r['val_loss_stderr']:.4f} {math.exp(r['val_loss']):7.3f} {r['tokens_per_s']:9,.0f}")
 
 
+def fit_policy(policy, **kw):
+    """A policy fitted to a budget on the calibration text, or None (and a note) when the budget is out of its
+    reach, e.g. a high budget at a large gamma: the sweep goes on without that point."""
+    try:
+        return make_policy(main_model, policy, k_exp=main_model.config.k_exp, batches=calib_batches, w_min=w_min, **kw)
+    except ValueError as e:
+        print(f"  (skipped {policy} {kw}: {e})")
+        return None
+
+
 print(f"{'model':<24} {'policy':<10} {'width':>6} {'k':>3} {'gamma':>6} {'budget':>6} {'MFLOP/tok':>9} {'rel':>6} "
       f"{'expMFLOP':>9} {'rel':>6} {'val loss':>7} {'± se':>7} {'ppl':>7} {'tok/s':>9}")
 for name, (model, ckpt) in models.items():
@@ -191,13 +199,14 @@ for name, (model, ckpt) in models.items():
         continue
     for budget in conf_budgets:
         for g in gammas:
-            policy = make_policy(model, "confidence", budget=budget, gamma=g, k_exp=k_train, batches=calib_batches,
-                                 w_min=w_min)
-            add_row(name, "confidence", policy, k_train, g, budget)
+            policy = fit_policy("confidence", budget=budget, gamma=g)
+            if policy is not None:
+                add_row(name, "confidence", policy, k_train, g, budget)
     for budget in ttt_budgets:
         t0 = time.time()
-        policy = make_policy(model, "ttt", budget=budget, k_exp=k_train, batches=calib_batches, w_min=w_min,
-                             ttt_lr=ttt_lr, per_layer=ttt_per_layer)
+        policy = fit_policy("ttt", budget=budget, ttt_lr=ttt_lr, per_layer=ttt_per_layer)
+        if policy is None:
+            continue
         g = policy.gamma.tolist() if isinstance(policy.gamma, torch.Tensor) else policy.gamma
         add_row(name, "ttt", policy, k_train, g, budget)
         print(f"  (ttt fitted in {time.time() - t0:.1f}s on {len(calib_batches)} train batches)")

@@ -8,6 +8,9 @@ Each argument without '=' is a config file (Python) that assigns some of those g
 overrides one. Values are parsed as Python literals (falling back to a string) and must have the type of the
 default (an int is accepted for a float, "1.0,0.5" or a single number for a tuple). An unknown key or a wrong
 type stops the script with one line that says what to fix.
+
+setup_device() turns the two system keys every script shares, device and dtype, into a checked device and
+the autocast context to run the model under.
 """
 
 import ast
@@ -63,7 +66,8 @@ def configure(defaults, argv=None):
             key, sep, text = arg[2:].partition("=")
             if not sep:
                 fail(f"'{arg}' needs a value: --{key}=VALUE")
-            items = [(key, parse(text))]
+            # a string key takes the text as it is (--start=1999 is a prompt, not a number)
+            items = [(key, text if isinstance(defaults.get(key), str) else parse(text))]
             print(f"Overriding: {key} = {text}")
         for key, value in items:
             if key not in known:
@@ -71,3 +75,33 @@ def configure(defaults, argv=None):
                 fail(f"unknown config key '{key}'" + (f" (did you mean one of: {', '.join(close)}?)" if close else ""))
             defaults[key] = coerce(key, value, defaults[key])
     return {k: defaults[k] for k in sorted(known)}
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def setup_device(device="auto", dtype="auto"):
+    """device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps. dtype: auto (bfloat16 on cuda where
+    supported, else float16; float32 elsewhere) or one of DTYPES. Returns (device, device_type, dtype, ctx):
+    ctx is the autocast context for the forward pass, a no-op in float32. Fails with one line on a device
+    this machine does not have, rather than deep inside torch at the first .to(device)."""
+    import contextlib
+    import torch
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError:
+        fail(f"device must be auto, cpu, cuda, cuda:N or mps; got '{device}'")
+    if device_type not in ("cpu", "cuda", "mps"):
+        fail(f"device must be auto, cpu, cuda, cuda:N or mps; got '{device}'")
+    if (device_type == "cuda" and not torch.cuda.is_available()) or \
+            (device_type == "mps" and not torch.backends.mps.is_available()):
+        fail(f"device '{device}' is not available on this machine (try --device=cpu)")
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+    if dtype not in DTYPES:
+        fail(f"dtype must be auto, {', '.join(DTYPES)}; got '{dtype}'")
+    ctx = contextlib.nullcontext() if dtype == "float32" else \
+        torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+    return device, device_type, dtype, ctx

@@ -1,5 +1,6 @@
-"""Shared test fixtures. The read-only test data (Tiny Shakespeare, tiktoken's GPT-2 files) is passed in
-through NANOMOSE_DATA and TIKTOKEN_CACHE_DIR (see README); tests that need it skip without it."""
+"""Shared test fixtures. The read-only test data (Tiny Shakespeare, tiktoken's GPT-2 files) is an input the
+tests are given, never a path they guess: NANOMOSE_DATA names the folder (see README), and the tests that need
+it skip without it."""
 
 import os
 import pathlib
@@ -13,9 +14,11 @@ REPO = pathlib.Path(__file__).resolve().parent
 
 @pytest.fixture(scope="session")
 def shared_data():
-    path = pathlib.Path(os.environ.get("NANOMOSE_DATA", REPO.parent / "shared" / "data"))
+    if "NANOMOSE_DATA" not in os.environ:
+        pytest.skip("no test data: set NANOMOSE_DATA to a folder holding tinyshakespeare/input.txt")
+    path = pathlib.Path(os.environ["NANOMOSE_DATA"])
     if not (path / "tinyshakespeare" / "input.txt").exists():
-        pytest.skip(f"no Tiny Shakespeare under {path}: set NANOMOSE_DATA")
+        pytest.skip(f"no tinyshakespeare/input.txt under NANOMOSE_DATA={path}")
     if "TIKTOKEN_CACHE_DIR" not in os.environ and (path / "tiktoken_cache").exists():
         os.environ["TIKTOKEN_CACHE_DIR"] = str(path / "tiktoken_cache")   # subprocesses inherit it
     return path

@@ -119,6 +119,7 @@ class MLP(nn.Module):
 class Routing(NamedTuple):
     expert_idx: torch.Tensor   # (N, k) which experts each token uses
     gates: torch.Tensor        # (N, k) their mixing weights, softmax renormalised over the k selected
+    probs: torch.Tensor        # (N, E) router probabilities over all experts (softmax of the fp32 logits)
     loss: torch.Tensor         # () weighted sum of this layer's router losses
     load: torch.Tensor         # (n_exp,) fraction of (token, expert) pairs sent to each expert
 
@@ -160,7 +161,7 @@ class Router(nn.Module):
             # that its top-1/2/4 prefixes are meaningful when k changes at inference.
             entropy = -(probs * probs.clamp_min(1e-9).log()).sum(dim=-1).mean()
             loss = loss + self.hr_loss_weight * (entropy - math.log(self.n_exp))
-        return Routing(expert_idx, gates, loss, load.detach())
+        return Routing(expert_idx, gates, probs, loss, load.detach())
 
     @staticmethod
     def coactivation_sample(probs, k, k_pool):
@@ -188,9 +189,9 @@ def hidden_units(width, full, multiple=1):
     return h if isinstance(width, torch.Tensor) else int(h)
 
 
-def check_width(width):
+def check_width(width, name="width"):
     if not 0.0 < width <= 1.0:
-        raise ValueError(f"width must be in (0, 1], got {width}")
+        raise ValueError(f"{name} must be in (0, 1], got {width}")
 
 
 class SlimmableExperts(nn.Module):
@@ -262,9 +263,9 @@ class MoSELayer(nn.Module):
     contiguous rows at that width -> scatter-add back weighted by the gates. No capacity, no dropped tokens:
     a token's output never depends on which other tokens share its batch."""
 
-    def __init__(self, config, layer_id):
+    def __init__(self, config, moe_index):
         super().__init__()
-        self.layer_id = layer_id           # index among the MoE layers (policies may hold one gamma per layer)
+        self.moe_index = moe_index         # index among the MoE layers (policies may hold one gamma per layer)
         self.router = Router(config)
         self.experts = SlimmableExperts(config)
         self.dropout = nn.Dropout(config.dropout)
@@ -273,7 +274,9 @@ class MoSELayer(nn.Module):
         B, T, C = x.shape
         x = x.reshape(B * T, C)                                            # (N, C)
         r = self.router(x, k, k_pool)
-        widths = width(r.gates, self.layer_id) if isinstance(width, WidthPolicy) else \
+        # widths read the router's gates but never train it; they carry a gradient only when the policy has a
+        # parameter being fitted (ttt's gamma), and only then does the dispatch take the differentiable path
+        widths = width(r.gates.detach(), self.moe_index) if isinstance(width, WidthPolicy) else \
             torch.full_like(r.gates, width)                                # (N, k) one width per pair
         h = self.experts.h(widths.detach())                                # (N, k) hidden units per pair
         if widths.requires_grad:   # a policy being fitted (ttt): full width, differentiable prefix mask
@@ -332,7 +335,7 @@ class WidthPolicy:
     """A width policy maps the gates of one MoE layer, (N, k), to widths in (0, 1], (N, k).
     Policies know nothing about experts; the dispatch slices by whatever widths they return."""
 
-    def __call__(self, gates, layer_id):
+    def __call__(self, gates, moe_index):
         raise NotImplementedError
 
 
@@ -343,7 +346,7 @@ class UniformWidth(WidthPolicy):
         check_width(width)
         self.width = float(width)
 
-    def __call__(self, gates, layer_id):
+    def __call__(self, gates, moe_index):
         return torch.full_like(gates, self.width)
 
     def __repr__(self):
@@ -356,7 +359,8 @@ class ConfidenceWidth(WidthPolicy):
         q_i = p_i**gamma / sum_{j in S} p_j**gamma          sharpen, renormalise over S
         w_i = snap( clip(k * Gamma * q_i, w_min, 1) )        share a mean-width budget Gamma
 
-    gamma = 0 gives every expert width Gamma; a large gamma gives the budget to the most confident expert.
+    gamma = 0 gives every expert width Gamma (clipped and snapped like any width); a large gamma gives the
+    budget to the most confident expert.
     Because of the clip and the snap to the `grid` the spent FLOPs only approximately follow Gamma: measure
     them (the forward reports them) or use `fit_budget` to move Gamma until they match a target.
     `gamma` is a float, or a tensor with one value per MoE layer (what `fit_ttt` learns)."""
@@ -364,20 +368,20 @@ class ConfidenceWidth(WidthPolicy):
     def __init__(self, gamma=1.0, Gamma=0.5, w_min=0.25, grid=0.05):
         if not Gamma > 0:   # Gamma may exceed 1: after clipping at 1 it takes more to spend a given budget
             raise ValueError(f"Gamma (the mean-width budget) must be > 0, got {Gamma}")
-        check_width(w_min)
+        check_width(w_min, "w_min")
         self.gamma, self.Gamma, self.w_min, self.grid = gamma, float(Gamma), float(w_min), float(grid)
 
-    def gamma_for(self, layer_id):
+    def gamma_for(self, moe_index):
         g = self.gamma
-        return g[layer_id] if isinstance(g, torch.Tensor) and g.dim() > 0 else g
+        return g[moe_index] if isinstance(g, torch.Tensor) and g.dim() > 0 else g
 
-    def __call__(self, gates, layer_id):
+    def __call__(self, gates, moe_index):
         k = gates.size(-1)
         logp = gates.clamp_min(1e-9).log()
-        q = torch.softmax(self.gamma_for(layer_id) * logp, dim=-1)    # = p^gamma / sum p^gamma, stable
+        q = torch.softmax(self.gamma_for(moe_index) * logp, dim=-1)    # = p^gamma / sum p^gamma, stable
         w = (k * self.Gamma * q).clamp(self.w_min, 1.0)
         if self.grid:
-            w_hard = (torch.round(w / self.grid) * self.grid).clamp(self.grid, 1.0)
+            w_hard = (torch.round(w / self.grid) * self.grid).clamp(self.w_min, 1.0)   # never below w_min
             w = w + (w_hard - w).detach()                            # straight-through: forward snapped
         return w
 
@@ -405,10 +409,11 @@ def fit_budget(model, policy, batches, budget, k_exp=None, tol=0.01, max_iter=40
     make = lambda G: ConfidenceWidth(policy.gamma, G, policy.w_min, policy.grid)
     frac = lambda G: expert_flops_fraction(model, make(G), batches, k_exp)
     lo, hi = 1e-4, 1.0
-    while frac(hi) < budget:               # clipping at 1 loses budget, so Gamma may need to exceed 1
-        hi *= 2
-        if hi > 1e4:
-            raise ValueError(f"budget {budget} is out of reach (the maximum is full width, 1.0)")
+    while (f := frac(hi)) < budget * (1 - tol):   # clipping at 1 loses budget: Gamma may need to exceed 1
+        if hi >= 1e6:                      # a very confident router: the other experts' q is ~0
+            raise ValueError(f"budget {budget} is out of reach for gamma={policy.gamma}: at most {f:.3f} of "
+                             f"full-width expert FLOPs; lower gamma (or use uniform width)")
+        hi *= 4
     if frac(lo) > budget * (1 + tol):
         raise ValueError(f"budget {budget} is below what w_min={policy.w_min} allows; lower w_min")
     for _ in range(max_iter):
@@ -433,7 +438,7 @@ def fit_ttt(model, batches, budget, k_exp=None, lr=0.01, per_layer=False, w_min=
                      requires_grad=True)                                      # gamma = softplus(rho) = 1
     gamma = lambda: F.softplus(rho) if per_layer else F.softplus(rho)[0]      # one per layer, or one scalar
     opt = torch.optim.SGD([rho], lr=lr)
-    was_training = model.training
+    was_training, trainable = model.training, [p.requires_grad for p in model.parameters()]
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -451,8 +456,8 @@ def fit_ttt(model, batches, budget, k_exp=None, lr=0.01, per_layer=False, w_min=
         return fit_budget(model, ConfidenceWidth(final if per_layer else final.item(), budget, w_min, grid),
                           calib, budget, k_exp)
     finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for p, flag in zip(model.parameters(), trainable):
+            p.requires_grad_(flag)
         model.train(was_training)
 
 
@@ -489,12 +494,12 @@ def make_policy(model, policy="uniform", width=1.0, budget=None, gamma=1.0, k_ex
 
 class Block(nn.Module):
 
-    def __init__(self, config, moe_id=None):
+    def __init__(self, config, moe_index=None):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MoSELayer(config, moe_id) if moe_id is not None else MLP(config)
+        self.mlp = MoSELayer(config, moe_index) if moe_index is not None else MLP(config)
 
     def forward(self, x, width, k, k_pool, cache=None):
         x = x + self.attn(self.ln_1(x), cache)
@@ -505,8 +510,9 @@ class Block(nn.Module):
 
 
 class GPTOutput(NamedTuple):
-    logits: torch.Tensor
-    loss: torch.Tensor        # language-model cross-entropy ONLY (comparable across dense, MoE and MoSE)
+    logits: torch.Tensor      # (B, T, V) with targets; (B, 1, V), the last position only, without
+    loss: torch.Tensor        # language-model cross-entropy ONLY (comparable across dense, MoE and MoSE); None
+                              # without targets
     router_loss: torch.Tensor  # weighted sum of all router losses; train on loss + router_loss
     stats: dict               # expert_flops, flops_per_token, mean_width, load (per MoE layer)
 
@@ -516,13 +522,13 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        moe_ids = [sum(config.is_moe(j) for j in range(i)) if config.is_moe(i) else None
-                   for i in range(config.n_layer)]
+        moe_index = [sum(config.is_moe(j) for j in range(i)) if config.is_moe(i) else None
+                     for i in range(config.n_layer)]
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, m) for m in moe_ids]),
+            h=nn.ModuleList([Block(config, m) for m in moe_index]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -566,10 +572,15 @@ class GPT(nn.Module):
                 raise ValueError("k_exp is a dial of MoE models only; this model is dense (n_exp=0)")
             return [], []
         widths = [width] * cfg.n_moe_layers if isinstance(width, WidthPolicy) else \
-            [float(w) for w in self._per_layer(1.0 if width is None else width, "width")]
-        for w in widths:
+            self._per_layer(1.0 if width is None else width, "width")
+        for i, w in enumerate(widths):
             if not isinstance(w, WidthPolicy):
-                check_width(w)
+                try:
+                    widths[i] = float(w)
+                except (TypeError, ValueError):
+                    raise ValueError(f"width must be a number in (0, 1], a WidthPolicy, or a list of those (one "
+                                     f"per MoE layer); got {w!r}") from None
+                check_width(widths[i])
         ks = self._per_layer(cfg.k_exp if k_exp is None else k_exp, "k_exp")
         for k in ks:
             if not (isinstance(k, int) and 1 <= k <= cfg.n_exp):
@@ -585,13 +596,15 @@ class GPT(nn.Module):
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of length {past + T} exceeds block_size {self.config.block_size}")
         widths, ks = self.resolve_dials(width, k_exp)
+        if k_pool is not None and not 1 <= k_pool <= self.config.n_exp:
+            raise ValueError(f"k_pool must be in [1, n_exp={self.config.n_exp}], got {k_pool}")
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         router_loss = x.new_zeros((), dtype=torch.float32)
         spent = torch.zeros(B * T, device=idx.device)                     # expert FLOPs per token
         loads, mean_widths = [], []
         for i, block in enumerate(self.transformer.h):
-            m = block.mlp.layer_id if isinstance(block.mlp, MoSELayer) else None
+            m = block.mlp.moe_index if isinstance(block.mlp, MoSELayer) else None
             x, moe = block(x, widths[m] if m is not None else None, ks[m] if m is not None else None,
                            k_pool, kv_cache[i] if kv_cache is not None else None)
             if moe is not None:
@@ -700,7 +713,7 @@ def load_checkpoint(path, device="cpu"):
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}: train one first (python train.py ...) or fix --out_dir")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)   # optimizer state stays here
         model = GPT(GPTConfig(**checkpoint["model_args"]))
         # a compiled model's state dict has its keys prefixed with _orig_mod.
         state = {k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()}

@@ -14,12 +14,11 @@ spent and the tokens per second.
 
 import os
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from configurator import configure, fail
+from configurator import configure, fail, setup_device
 from model import POLICIES, check_width, load_checkpoint, make_policy
 
 # -----------------------------------------------------------------------------
@@ -72,24 +71,10 @@ try:
         raise ValueError("need top_k >= 0, max_new_tokens >= 1 and num_samples >= 0")
     if budget and policy != "uniform" and (ttt_batches < 1 or ttt_batch_size < 1 or not ttt_lr > 0):
         raise ValueError("fitting a budget needs ttt_batches >= 1, ttt_batch_size >= 1 and ttt_lr > 0")
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
 except ValueError as e:
     fail(str(e))
 
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-try:
-    device_type = torch.device(device).type
-except RuntimeError:
-    fail(f"device must be auto, cpu, cuda, cuda:N or mps; got '{device}'")
-if (device_type == "cuda" and not torch.cuda.is_available()) or \
-        (device_type == "mps" and not torch.backends.mps.is_available()):
-    fail(f"device '{device}' is not available on this machine (try --device=cpu)")
-if dtype == "auto":
-    dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+device, device_type, dtype, ctx = setup_device(device, dtype)
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True

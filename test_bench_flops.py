@@ -87,6 +87,7 @@ def test_printed_frontier_is_the_non_dominated_set(bench):
     (["--ttt_budgets=(1.5,)"], "budgets must be in"),
     (["--out_dir=/nonexistent"], "no checkpoint at /nonexistent"),
     (["--policy=uniform"], "unknown config key 'policy'"),
+    (["--dtype=float64"], "dtype must be auto, float32, bfloat16, float16; got 'float64'"),
 ])
 def test_bad_flags_are_one_clear_line(checkpoints, args, message):
     p = run("bench_flops.py", f"--out_dir={checkpoints / 'mose'}", *args)

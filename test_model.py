@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (GPT, ConfidenceWidth, GPTConfig, Router, UniformWidth, expert_flops_fraction, fit_budget,
-                   fit_ttt, hidden_units)
+from model import (GPT, ConfidenceWidth, GPTConfig, MoSELayer, Router, UniformWidth, expert_flops_fraction,
+                   fit_budget, fit_ttt, hidden_units)
 
 
 def tiny(**kw):
@@ -55,6 +55,25 @@ def test_dispatch_matches_reference_forward_and_grad(width):
         results.append([y.detach(), xx.grad, g.grad] + [p.grad.clone() for p in layer.experts.parameters()])
     for fast, ref in zip(*results):
         torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_autocast_path():
+    # what cuda runs (autocast to bf16), exercised on the CPU: the router stays fp32, the dispatch still matches
+    # its reference within bf16's precision, and the model's loss stays close to the fp32 one
+    model = tiny()
+    layer = moe_layer(model)
+    x = torch.randn(40, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = layer.router(x, 2)
+        h = layer.experts.h(torch.rand(40, 2) * 0.9 + 0.1)
+        fast = layer.dispatch(x, r.expert_idx, r.gates, h)
+        ref = layer.experts.forward_reference(x, r.expert_idx, r.gates, h)
+        idx = tokens()
+        low = model(idx, idx, width=ConfidenceWidth(2.0, 0.5))
+    assert r.gates.dtype == r.probs.dtype == torch.float32 and fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), ref.float(), rtol=2e-2, atol=2e-3)
+    assert low.loss.dtype == torch.float32
+    assert abs(low.loss.item() - model(idx, idx, width=ConfidenceWidth(2.0, 0.5)).loss.item()) < 1e-2
 
 
 def test_nested_prefix_equals_zeroed_tail():
@@ -134,6 +153,8 @@ def test_elastic_k_below_and_above_training_value():
     losses = [model(idx, idx, k_exp=k).loss.item() for k in range(1, 5)]
     assert len(set(losses)) == 4                       # each k is a different model
     per_layer = model(idx, idx, k_exp=[1, 3], width=[0.5, 1.0]).loss   # one dial per MoE layer
+    mixed = model(idx, idx, width=[0.5, ConfidenceWidth(2.0, 0.5)]).loss  # a float in one, a policy in the other
+    assert torch.isfinite(mixed)
     assert torch.isfinite(per_layer) and per_layer.item() not in losses
 
 
@@ -146,6 +167,9 @@ def test_router_losses_by_hand():
     probs = F.softmax(x @ router.w_g.weight.T, dim=-1)
     frac = torch.stack([(r.expert_idx == e).float().sum() / 100 for e in range(4)])
     torch.testing.assert_close(r.loss, 4 * (frac * probs.mean(0)).sum())
+    torch.testing.assert_close(r.probs, probs)           # the full softmax, and the gates renormalised from it
+    top = probs.gather(1, r.expert_idx)
+    torch.testing.assert_close(r.gates, top / top.sum(1, keepdim=True))
     with torch.no_grad():                               # token t prefers expert t: a perfectly balanced batch
         router.w_g.weight.copy_(torch.eye(4, 8))
     r = router(3 * torch.eye(4, 8), 1)
@@ -231,6 +255,41 @@ def test_exact_budget_within_one_percent():
         assert abs(expert_flops_fraction(model, policy, batches) / budget - 1) <= 0.01
 
 
+def test_exact_budget_near_full_width_on_a_confident_router():
+    # a trained router is confident: the second expert's share q is tiny, so spending 95 % of the full-width
+    # FLOPs takes a Gamma far above 1; a gamma so sharp that no Gamma gets there fails with the reason
+    model = tiny()
+    with torch.no_grad():
+        moe_layer(model).router.w_g.weight.mul_(50)
+    batches = [tokens(seed=s) for s in range(2)]
+    for budget in (0.95, 1.0):
+        policy = fit_budget(model, ConfidenceWidth(1.0, 0.5), batches, budget)
+        assert abs(expert_flops_fraction(model, policy, batches) / budget - 1) <= 0.01
+    with pytest.raises(ValueError, match="budget 0.99 is out of reach for gamma=50"):
+        fit_budget(model, ConfidenceWidth(50.0, 0.5), batches, 0.99)
+
+
+def test_snapping_never_goes_below_w_min():
+    gates = torch.tensor([[0.9, 0.1], [0.6, 0.4]])
+    for w_min, grid in ((0.12, 0.05), (0.25, 0.1)):
+        w = ConfidenceWidth(gamma=2.0, Gamma=0.5, w_min=w_min, grid=grid)(gates, 0)
+        assert w.min() >= w_min and w.max() <= 1
+
+
+def test_a_policy_slices_unless_its_gamma_is_being_fitted(monkeypatch):
+    # outside ttt a policy runs the real, narrower experts even in grad mode; only a gamma that requires grad
+    # switches the dispatch to full width with the differentiable mask
+    model = tiny()
+    idx = tokens()
+    soft, real = [], MoSELayer.dispatch
+    monkeypatch.setattr(MoSELayer, "dispatch", lambda self, *a, soft_mask=None:
+                        soft.append(soft_mask is not None) or real(self, *a, soft_mask=soft_mask))
+    out = model(idx, idx, width=ConfidenceWidth(2.0, 0.5))
+    assert out.loss.requires_grad and soft == [False]
+    model(idx, idx, width=ConfidenceWidth(torch.tensor(2.0, requires_grad=True), 0.5))
+    assert soft == [False, True]
+
+
 def test_ttt_path_loss_equals_hard_path_loss():
     model = tiny()
     idx = tokens()
@@ -251,6 +310,10 @@ def test_ttt_meets_budget_on_held_out_text():
         assert abs(expert_flops_fraction(model, policy, held_out) / 0.5 - 1) <= 0.05
         assert isinstance(policy.gamma, torch.Tensor) == per_layer
     assert all(p.requires_grad for p in model.parameters())   # the model is handed back trainable
+    model.transformer.wte.weight.requires_grad_(False)         # ... and what the caller froze stays frozen
+    fit_ttt(model, train[:2], 0.5)
+    assert not model.transformer.wte.weight.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "transformer.wte.weight")
 
 
 # --- KV cache, generation ---------------------------------------------------------------------------------
@@ -295,6 +358,8 @@ def test_reordering_hidden_units_keeps_full_width_function():
     (dict(width=[0.5]), r"MoE layers"),
     (dict(k_exp=0), r"k_exp must be an integer in \[1, n_exp=4\]"),
     (dict(k_exp=5), r"k_exp must be an integer in \[1, n_exp=4\]"),
+    (dict(width=[0.5, "wide"]), r"width must be a number in \(0, 1\], a WidthPolicy, or a list"),
+    (dict(k_pool=5), r"k_pool must be in \[1, n_exp=4\]"),
 ])
 def test_bad_dials_raise(kw, match):
     model = tiny(n_layer=4)

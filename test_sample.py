@@ -100,6 +100,7 @@ def spent(out):
     ["--policy=confidence", "--gamma=2", "--width=0.5"],
     ["--policy=confidence", "--budget=0.5", "--ttt_batches=5"],
     ["--policy=ttt", "--budget=0.5", "--ttt_batches=5", "--max_new_tokens=96"],
+    ["--policy=confidence", "--gamma=2", "--width=0.5", "--dtype=bfloat16"],
 ])
 def test_each_policy_samples_and_reports_its_flops(ckpts, args):
     p = sample(ckpts, *args)
@@ -165,6 +166,9 @@ def test_gpt2_tokenizer(ckpts, request):
     (["--width=0.5"], "dense GPT (n_exp=0)", "dense"),
     (["--budget=0.5"], "dense GPT (n_exp=0)", "dense"),
     (["--out_dir=/nonexistent"], "no checkpoint at /nonexistent/ckpt.pt", "mose"),
+    (["--dtype=half"], "dtype must be auto, float32, bfloat16, float16; got 'half'", "mose"),
+    pytest.param(["--device=cuda"], "device 'cuda' is not available on this machine", "mose",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has cuda")),
 ])
 def test_bad_flags_are_one_clear_line(ckpts, args, message, model):
     p = sample(ckpts, *args, model=model)

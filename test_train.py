@@ -2,6 +2,7 @@
 Each run is a real subprocess with a tiny model, so what is tested is what a user runs."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -75,6 +76,15 @@ def test_elastic_k_schemes(data_dir, tmp_path):
     assert all(len(k) == 2 and all(1 <= x <= 3 for x in k) for k in ks) and len({tuple(k) for k in ks}) > 1
 
 
+def test_bfloat16_autocast_trains_on_cpu(data_dir, tmp_path):
+    # the mixed-precision path a GPU takes, on the CPU: autocast to bf16, router in fp32, no GradScaler
+    p = train(data_dir, tmp_path, "--max_iters=6", "--eval_interval=6", "--dtype=bfloat16")
+    assert "dtype bfloat16" in p.stdout
+    losses = train_losses(tmp_path)
+    assert sorted(losses) == list(range(1, 7)) and all(math.isfinite(v) for v in losses.values())
+    assert losses[6] < losses[1]
+
+
 def test_resume_is_exact(data_dir, tmp_path):
     # a fixed schedule length: with lr_decay_iters=0 it would follow each run's max_iters
     common = ["--eval_interval=5", "--always_save_checkpoint=True", "--dropout=0.1", "--k_pool=3", "--lr_decay_iters=10"]
@@ -84,6 +94,37 @@ def test_resume_is_exact(data_dir, tmp_path):
     a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
     assert sorted(a) == sorted(b) == list(range(1, 11))
     assert a == b   # bit-identical: RNG states, data position and optimizer all restored
+
+
+def test_resume_checks_the_architecture_and_stops_at_max_iters(data_dir, tmp_path):
+    train(data_dir, tmp_path, "--max_iters=4", "--eval_interval=2", "--eval_widths=(0.5,)")
+    evals = [r for r in log_rows(tmp_path) if "val/w=1" in r]
+    assert evals and all("val/w=0.5" in r for r in evals)   # full width is always evaluated (it picks the best)
+    rows = len(log_rows(tmp_path))
+    p = train(data_dir, tmp_path, "--max_iters=2", "--init_from=resume")   # already past max_iters: stop
+    assert p.returncode == 0 and not train_losses(tmp_path).keys() - set(range(1, 5))
+    assert len(log_rows(tmp_path)) == rows + 1                             # one evaluation, no training
+    p = train(data_dir, tmp_path, "--max_iters=6", "--init_from=resume", "--block_size=16", ok=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "resume keeps the architecture: block_size is 32 in the checkpoint, 16 here (set --block_size=32)" \
+        in p.stderr
+
+
+def test_too_little_text_is_one_clear_line(data_dir, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "train.bin").write_bytes(open(os.path.join(data_dir, "shakespeare_char", "train.bin"), "rb").read())
+    (small / "val.bin").write_bytes(bytes(2 * 20))   # 20 tokens, less than one window of 32 + 1
+    p = run(f"--data_dir={tmp_path}", "--dataset=small", f"--out_dir={tmp_path / 'out'}", *TINY, ok=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "val.bin has 20 tokens, too few for one window of block_size 32 + 1" in p.stderr
+
+
+def test_configurator_takes_string_values_as_text():
+    from configurator import configure
+    values = dict(start="\n", max_iters=10, widths=(1.0,))
+    configure(values, ["--start=1999", "--max_iters=20", "--widths=0.5,0.25"])
+    assert values == dict(start="1999", max_iters=20, widths=(0.5, 0.25))
 
 
 def test_truncated_checkpoint_fails_clearly_and_atomic_save_keeps_the_old_one(data_dir, tmp_path, monkeypatch):
@@ -139,6 +180,12 @@ def test_upcycling_a_dense_checkpoint(data_dir, tmp_path):
     assert results[True]["val/w=0.25"] < results[False]["val/w=0.25"]
     p = train(data_dir, tmp_path / "bad", "--expert_hidden=64", f"--init_from=upcycle:{tmp_path / 'dense'}", ok=False)
     assert p.returncode != 0 and "expert_hidden" in p.stderr and "Traceback" not in p.stderr
+    # an MoE checkpoint keeps its experts: their number and size must match
+    train(data_dir, tmp_path / "moe", "--max_iters=1", "--eval_interval=1", "--width_sampling=none")
+    p = train(data_dir, tmp_path / "bad2", "--n_exp=2", "--k_exp=1", f"--init_from=upcycle:{tmp_path / 'moe'}",
+              ok=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "upcycling keeps an MoE layer's experts: n_exp is 4" in p.stderr
 
 
 @pytest.mark.parametrize("args,message", [
@@ -146,11 +193,18 @@ def test_upcycling_a_dense_checkpoint(data_dir, tmp_path):
     (["--max_iters=ten"], "--max_iters must be of type int"),
     (["--learning_rate=True"], "--learning_rate must be of type float"),
     (["--width_sampling=random"], "width_sampling must be"),
-    (["--w_min=0"], "width must be in (0, 1]"),
+    (["--w_min=0"], "w_min must be in (0, 1]"),
+    (["--eval_widths=(1.0,1.5)"], "eval_widths values must be in (0, 1], got 1.5"),
+    (["--width_sampling=fixed", "--fixed_widths=()"], "give at least one"),
+    (["--eval_interval=0"], "must be >= 1"),
     (["--k_exp=5"], "k_exp must be in [1, n_exp=4]"),
     (["--dataset=nope"], "python prepare_data.py nope"),
     (["config/does_not_exist.py"], "cannot read config file"),
     (["--init_from=resume"], "no checkpoint at"),
+    (["--dtype=float64"], "dtype must be auto, float32, bfloat16, float16; got 'float64'"),
+    (["--device=tpu"], "device must be auto, cpu, cuda, cuda:N or mps; got 'tpu'"),
+    pytest.param(["--device=cuda"], "device 'cuda' is not available on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has cuda")),
 ])
 def test_bad_config_is_one_clear_line(data_dir, tmp_path, args, message):
     p = run(f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'empty'}", *TINY, *args, ok=False)

@@ -16,14 +16,13 @@ import os
 import pickle
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import configure, fail
+from configurator import configure, fail, setup_device
 from model import GPT, GPTConfig, check_width, load_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -107,11 +106,19 @@ if width_data == "fresh" and distill_weight > 0:
     fail("in-place distillation needs every width on the same batch: use width_data='same'")
 if k_sampling not in ("none", "layer", "step"):
     fail(f"k_sampling must be none, layer or step, got '{k_sampling}'")
+if width_sampling == "fixed" and not fixed_widths:
+    fail("width_sampling='fixed' trains the widths in fixed_widths: give at least one, e.g. --fixed_widths=1.0,0.5")
+if min(eval_interval, log_interval, eval_iters, batch_size, block_size, gradient_accumulation_steps) < 1 or max_iters < 0:
+    fail("eval_interval, log_interval, eval_iters, batch_size, block_size and gradient_accumulation_steps must be "
+         ">= 1, and max_iters >= 0")
 k_max = k_max or k_exp
 lr_decay_iters = lr_decay_iters or max_iters
 try:
-    for w in (w_min, *fixed_widths, *eval_widths):
-        check_width(w)
+    check_width(w_min, "w_min")
+    for w in fixed_widths:
+        check_width(w, "fixed_widths values")
+    for w in eval_widths:
+        check_width(w, "eval_widths values")
     gptconf = GPTConfig(block_size=block_size, vocab_size=50304, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                         dropout=dropout, bias=bias, n_exp=n_exp, k_exp=k_exp, moe_stride=moe_stride,
                         expert_hidden=expert_hidden, width_multiple=width_multiple, aux_loss_weight=aux_loss_weight,
@@ -129,8 +136,7 @@ if n_exp == 0:   # a dense GPT has no dials to train or evaluate
 
 # DDP: torchrun sets RANK; every rank runs this same script
 ddp = int(os.environ.get("RANK", -1)) != -1
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+device, device_type, dtype, ctx = setup_device(device, dtype)
 if ddp:
     from torch.distributed import destroy_process_group, init_process_group
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -146,11 +152,6 @@ if ddp:
 else:
     ddp_rank, ddp_world_size = 0, 1
 master_process = ddp_rank == 0
-device_type = "cuda" if device.startswith("cuda") else "mps" if device.startswith("mps") else "cpu"
-if dtype == "auto":
-    dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
@@ -166,8 +167,12 @@ torch.backends.cudnn.allow_tf32 = True
 # the data position: it goes into the checkpoint, and resuming continues the same stream.
 split_dir = os.path.join(data_dir, dataset)
 for split in ("train", "val"):
-    if not os.path.exists(os.path.join(split_dir, f"{split}.bin")):
-        fail(f"no {split_dir}/{split}.bin: run `python prepare_data.py {dataset}` first (or set --data_dir)")
+    path = os.path.join(split_dir, f"{split}.bin")
+    if not os.path.exists(path):
+        fail(f"no {path}: run `python prepare_data.py {dataset}` first (or set --data_dir)")
+    if os.path.getsize(path) // 2 <= block_size:   # uint16: 2 bytes a token
+        fail(f"{path} has {os.path.getsize(path) // 2} tokens, too few for one window of block_size {block_size} "
+             f"+ 1: use more text or a smaller --block_size")
 meta_path = os.path.join(split_dir, "meta.pkl")
 meta = pickle.load(open(meta_path, "rb")) if os.path.exists(meta_path) else {"tokenizer": "gpt2", "vocab_size": 50257}
 gptconf.vocab_size = meta["vocab_size"] if meta["tokenizer"] == "char" else 50304   # 50257 padded to 64s
@@ -198,13 +203,28 @@ def get_step_batches():
 
 # -----------------------------------------------------------------------------
 # model: from scratch, resumed, or upcycled from a dense / plain-MoE checkpoint
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "n_exp", "k_exp", "moe_stride",
+                "expert_hidden", "width_multiple")
+
+
+def require_same(saved, keys, why, where):
+    """Fail unless a saved model's config agrees with this run's on `keys` (its weights fix them)."""
+    for key in keys:
+        if getattr(saved, key) != getattr(gptconf, key):
+            raise ValueError(f"{why}: {key} is {getattr(saved, key)} in {where}, {getattr(gptconf, key)} here "
+                             f"(set --{key}={getattr(saved, key)})")
+
+
 iter_num, best_val_loss, checkpoint = 0, float("inf"), None
 try:
     if init_from == "scratch":
         model = GPT(gptconf)
     elif init_from == "resume":
-        model, checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-        gptconf = model.config   # the checkpoint's architecture wins over the config
+        saved, checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        # the architecture must match; dropout and the router-loss weights are this run's to choose
+        require_same(saved.config, ARCHITECTURE, "resume keeps the architecture", "the checkpoint")
+        model = GPT(gptconf)
+        model.load_state_dict(saved.state_dict())
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
     elif init_from.startswith("upcycle:"):
         model = None   # built below, once the helpers are defined
@@ -248,11 +268,8 @@ def upcycle(source_dir):
     experts are kept. Then each expert's hidden units are reordered by importance so the narrow prefixes
     start from the most useful units."""
     source, _ = load_checkpoint(os.path.join(source_dir, "ckpt.pt"))
-    sc = source.config
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size"):
-        if getattr(sc, key) != getattr(gptconf, key):
-            raise ValueError(f"upcycling keeps the architecture: {key} is {getattr(sc, key)} in {source_dir}, "
-                             f"{getattr(gptconf, key)} here (set --{key}={getattr(sc, key)})")
+    require_same(source.config, ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size"),
+                 "upcycling keeps the architecture", source_dir)
     target = GPT(gptconf)
     missing = target.load_state_dict({k: v for k, v in source.state_dict().items() if ".mlp." not in k},
                                      strict=False).missing_keys
@@ -263,7 +280,9 @@ def upcycle(source_dir):
                 raise ValueError("upcycling cannot turn an MoE layer back into a dense one: match moe_stride")
             dst.mlp.load_state_dict(src.mlp.state_dict())
         elif hasattr(src.mlp, "experts"):
-            dst.mlp.load_state_dict(src.mlp.state_dict())   # same n_exp and expert_hidden required
+            require_same(source.config, ("n_exp", "expert_hidden"), "upcycling keeps an MoE layer's experts",
+                         source_dir)
+            dst.mlp.load_state_dict(src.mlp.state_dict())
         else:
             if gptconf.expert_hidden != 4 * gptconf.n_embd:
                 raise ValueError(f"upcycling a dense MLP needs expert_hidden = 4 * n_embd = {4 * gptconf.n_embd}")
@@ -273,6 +292,7 @@ def upcycle(source_dir):
                 if gptconf.bias:
                     dst.mlp.experts.b_fc.copy_(src.mlp.c_fc.bias.expand_as(dst.mlp.experts.b_fc))
                     dst.mlp.experts.b_proj.copy_(src.mlp.c_proj.bias.expand_as(dst.mlp.experts.b_proj))
+    target.to(device)   # the importance pass runs on real batches, which live on the device
     if upcycle_reorder:
         for layer, score in hidden_unit_importance(target, [get_step_batches()[0] for _ in range(4)]).items():
             layer.experts.reorder_hidden_units_(score)
@@ -294,7 +314,8 @@ scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16" and device_typ
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint["scaler"]:   # empty when saved by a disabled scaler (fp32/bf16): a new one starts fresh
+        scaler.load_state_dict(checkpoint["scaler"])
     data_gen.set_state(checkpoint["rng"]["data"])
     width_gen.set_state(checkpoint["rng"]["width"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -349,7 +370,8 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-eval_dials = [(w, None) for w in eval_widths] + [(1.0, k) for k in eval_k if k != k_exp]
+# full width at the training k always comes first: it is the val loss that picks the best checkpoint
+eval_dials = [(1.0, None)] + [(w, None) for w in eval_widths if w != 1.0] + [(1.0, k) for k in eval_k if k != k_exp]
 
 
 @torch.no_grad()
@@ -416,7 +438,7 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    if (iter_num % eval_interval == 0 or iter_num == max_iters) and master_process:
+    if (iter_num % eval_interval == 0 or iter_num >= max_iters) and master_process:
         results = evaluate()
         val = results[("val", 1.0, None)]
         print(f"step {iter_num}: train {results[('train', 1.0, None)]:.4f}, val "
@@ -428,7 +450,7 @@ while True:
             print(f"saving checkpoint to {out_dir}")
             save(iter_num, best_val_loss)
         t0, flops_done, tokens_done, iters_done = time.time(), 0.0, 0, 0   # evaluation is not training time
-    if iter_num == max_iters or eval_only:
+    if iter_num >= max_iters or eval_only:
         break
 
     # one optimizer step: every micro-batch at every sampled width, gradients summed
