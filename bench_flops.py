@@ -50,6 +50,13 @@ sys.argv = [a.replace("--json=", "--json_path=", 1) for a in sys.argv]   # 'json
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
+if plot:   # check for the optional package now, not after a sweep of many minutes
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        fail("--plot needs matplotlib: pip install matplotlib")
 if quick:
     widths, grid_widths, gammas, conf_budgets, ttt_budgets, ttt_batches = (1.0, 0.5), (0.5,), (2.0,), (0.5,), (0.5,), 5
 try:
@@ -267,26 +274,45 @@ for name, (model, _) in models.items():
     print(f"  at full width: {main_name} - {name} = {diff.mean():+.4f} ± {diff.std() / math.sqrt(len(diff)):.4f} "
           f"nats (paired over the same {len(diff)} validation windows)")
 
+# do per-token widths beat one width for all at the same budget? Paired over the same windows, so the
+# difference is measured far more precisely than either loss
+uniform_at = {r["width"]: i for i, r in enumerate(rows) if r["model"] == main_name and r["policy"] == "uniform"
+              and r["k_exp"] == main_model.config.k_exp}
+pairs = [(i, uniform_at[r["budget"]]) for i, r in enumerate(rows)
+         if r["model"] == main_name and r["policy"] in ("confidence", "ttt") and r["budget"] in uniform_at]
+if pairs:
+    print(f"\n{main_name}: width policies against uniform width = budget (paired over the same windows)")
+for i, j in pairs:
+    r, diff = rows[i], seq_losses[i] - seq_losses[j]
+    gamma = "/".join(f"{g:.2f}" for g in r["gamma"]) if isinstance(r["gamma"], list) else f"{r['gamma']:.2f}"
+    print(f"  {r['policy']:<10} gamma {gamma:>5}, budget {r['budget']:.2f} (spent {r['rel_expert_flops']:.3f}): "
+          f"{r['val_loss']:.4f} - {rows[j]['val_loss']:.4f} = {diff.mean():+.4f} ± {diff.std() / math.sqrt(len(diff)):.4f}")
+
 if json_path:
     keys = ("model", "policy", "width", "k_exp", "gamma", "budget", "flops_per_token", "expert_flops_per_token",
             "rel_flops", "rel_expert_flops", "val_loss", "val_loss_stderr", "tokens_per_s")
     with open(json_path, "w") as f:
         json.dump([{k: r[k] for k in keys} for r in rows], f, indent=1)
     print(f"wrote {len(rows)} rows to {json_path}")
-if plot:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        fail("--plot needs matplotlib: pip install matplotlib")
+if plot:   # matplotlib was imported at start-up, so a missing package never costs a finished sweep
     fig, ax = plt.subplots(figsize=(8, 5))
-    for (name, policy), marker in zip(sorted({(r["model"], r["policy"]) for r in rows}), "osD^v<>ph*"):
-        rs = sorted([r for r in rows if r["model"] == name and r["policy"] == policy], key=lambda r: r["flops_per_token"])
-        ax.scatter([r["flops_per_token"] / 1e6 for r in rs], [r["val_loss"] for r in rs], marker=marker,
-                   label=f"{name}: {policy}", alpha=0.8)
-    f = frontier([r for r in rows if r["model"] == main_name])
-    ax.plot([r["flops_per_token"] / 1e6 for r in f], [r["val_loss"] for r in f], "k--", lw=1, label=f"{main_name} frontier")
+    markers = {"uniform": "o", "confidence": "^", "ttt": "v", "dense": "s"}
+    for n, name in enumerate(models):   # one colour per model, one marker per policy, its frontier dashed
+        for policy, marker in markers.items():
+            rs = [r for r in rows if r["model"] == name and r["policy"] == policy]
+            if rs:
+                ax.scatter([r["flops_per_token"] / 1e6 for r in rs], [r["val_loss"] for r in rs], marker=marker,
+                           color=f"C{n}", s=18, alpha=0.7, label=f"{name}: {policy}")
+        f = frontier([r for r in rows if r["model"] == name])
+        if len(f) > 1:
+            ax.plot([r["flops_per_token"] / 1e6 for r in f], [r["val_loss"] for r in f], "--", color=f"C{n}", lw=1)
+    # the interesting part: up to 0.6 nats above the best point (a narrow, untrained width is far worse)
+    low = min(r["val_loss"] for r in rows)
+    high = min(max(r["val_loss"] for r in rows), low + 0.6)
+    ax.set_ylim(low - 0.02, high + 0.02)
+    off = sum(r["val_loss"] > high + 0.02 for r in rows)
+    ax.set_title(f"validation loss against forward FLOPs (dashed: each model's frontier)"
+                 + (f"; {off} points above {high + 0.02:.2f} not shown" if off else ""), fontsize=9)
     ax.set_xlabel("forward MFLOPs per token")
     ax.set_ylabel("validation loss (nats)")
     ax.legend(fontsize=7)

@@ -1,5 +1,6 @@
 """Tests of bench_flops.py on tiny MoSE / MoE / dense checkpoints trained inside the test."""
 
+import importlib.util
 import json
 import os
 import re
@@ -80,6 +81,10 @@ def test_printed_frontier_is_the_non_dominated_set(bench):
     assert printed == expected
     assert re.search(r"mose reaches it with|never reaches this loss", out)
     assert "paired over the same" in out
+    policies = out.split("width policies against uniform width = budget")[1].strip().splitlines()
+    assert [line.split()[0] for line in policies[1:3]] == ["confidence", "ttt"]
+    assert all(re.search(r"budget 0\.50 \(spent [\d.]+\): [\d.]+ - [\d.]+ = [+-][\d.]+ ± [\d.]+$", line)
+               for line in policies[1:3])
 
 
 @pytest.mark.parametrize("args,message", [
@@ -93,3 +98,16 @@ def test_bad_flags_are_one_clear_line(checkpoints, args, message):
     p = run("bench_flops.py", f"--out_dir={checkpoints / 'mose'}", *args)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and message in p.stderr, p.stderr
+
+
+def test_plot_or_a_clear_line_without_matplotlib(checkpoints, tmp_path):
+    # matplotlib is optional: without it --plot fails before any evaluation, with it the figure is written
+    out = tmp_path / "curve.png"
+    p = run("bench_flops.py", f"--out_dir={checkpoints / 'mose'}", f"--compare={checkpoints / 'dense'}", "--quick=True",
+            "--eval_tokens=4096", "--ttt_batches=2", f"--plot={out}")
+    if importlib.util.find_spec("matplotlib") is None:
+        assert p.returncode != 0 and p.stderr.strip() == "bench_flops.py: --plot needs matplotlib: pip install matplotlib"
+        assert "evaluating on" not in p.stdout
+    else:
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {out}" in p.stdout
