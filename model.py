@@ -378,7 +378,7 @@ class ConfidenceWidth(WidthPolicy):
     def __call__(self, gates, moe_index):
         k = gates.size(-1)
         logp = gates.clamp_min(1e-9).log()
-        q = torch.softmax(self.gamma_for(moe_index) * logp, dim=-1)    # = p^gamma / sum p^gamma, stable
+        q = torch.softmax(self.gamma_for(moe_index) * logp, dim=-1)   # = p^gamma / sum p^gamma, stable
         w = (k * self.Gamma * q).clamp(self.w_min, 1.0)
         if self.grid:
             w_hard = (torch.round(w / self.grid) * self.grid).clamp(self.w_min, 1.0)   # never below w_min
