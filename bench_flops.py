@@ -234,6 +234,13 @@ def frontier(rs):
     return out
 
 
+def paired_difference(i, j):
+    """Row i's loss minus row j's, '+d ± se': per-window differences over the same windows cancel most of the
+    noise that the windows share, so this is far more precise than either row's own standard error."""
+    diff = seq_losses[i] - seq_losses[j]
+    return f"{diff.mean():+.4f} ± {diff.std() / math.sqrt(len(diff)):.4f}"
+
+
 def flops_to_reach(front, loss, key):
     """The fewest FLOPs (key) on a frontier that reach a loss <= `loss`, interpolating linearly between
     neighbouring frontier points (an operating point between them can be had by mixing the two)."""
@@ -270,12 +277,10 @@ for name, (model, _) in models.items():
                 and r["width"] == 1.0 and r["k_exp"] == (model.config.k_exp if model.config.n_exp else None)), None)
     mine = next(i for i, r in enumerate(rows) if r["model"] == main_name and r["width"] == 1.0
                 and r["k_exp"] == main_model.config.k_exp and r["policy"] == "uniform")
-    diff = seq_losses[mine] - seq_losses[ref]
-    print(f"  at full width: {main_name} - {name} = {diff.mean():+.4f} ± {diff.std() / math.sqrt(len(diff)):.4f} "
-          f"nats (paired over the same {len(diff)} validation windows)")
+    print(f"  at full width: {main_name} - {name} = {paired_difference(mine, ref)} "
+          f"nats (paired over the same {len(seq_losses[mine])} validation windows)")
 
-# do per-token widths beat one width for all at the same budget? Paired over the same windows, so the
-# difference is measured far more precisely than either loss
+# do per-token widths beat one width for all at the same budget?
 uniform_at = {r["width"]: i for i, r in enumerate(rows) if r["model"] == main_name and r["policy"] == "uniform"
               and r["k_exp"] == main_model.config.k_exp}
 pairs = [(i, uniform_at[r["budget"]]) for i, r in enumerate(rows)
@@ -283,10 +288,10 @@ pairs = [(i, uniform_at[r["budget"]]) for i, r in enumerate(rows)
 if pairs:
     print(f"\n{main_name}: width policies against uniform width = budget (paired over the same windows)")
 for i, j in pairs:
-    r, diff = rows[i], seq_losses[i] - seq_losses[j]
+    r = rows[i]
     gamma = "/".join(f"{g:.2f}" for g in r["gamma"]) if isinstance(r["gamma"], list) else f"{r['gamma']:.2f}"
     print(f"  {r['policy']:<10} gamma {gamma:>5}, budget {r['budget']:.2f} (spent {r['rel_expert_flops']:.3f}): "
-          f"{r['val_loss']:.4f} - {rows[j]['val_loss']:.4f} = {diff.mean():+.4f} ± {diff.std() / math.sqrt(len(diff)):.4f}")
+          f"{r['val_loss']:.4f} - {rows[j]['val_loss']:.4f} = {paired_difference(i, j)}")
 
 if json_path:
     keys = ("model", "policy", "width", "k_exp", "gamma", "budget", "flops_per_token", "expert_flops_per_token",

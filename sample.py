@@ -61,8 +61,7 @@ try:
         raise ValueError("--width and --budget both set the compute: give one of them")
     if k_exp < 0:
         raise ValueError(f"k_exp must be >= 1, or 0 for the checkpoint's training value; got {k_exp}")
-    if not 0 < w_min <= 1:
-        raise ValueError(f"w_min must be in (0, 1], got {w_min}")
+    check_width(w_min, "w_min")
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0 (0 = every expert gets the same width), got {gamma}")
     if not temperature > 0:
