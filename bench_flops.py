@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import configure, fail, setup_device
-from model import check_width, load_checkpoint, make_policy
+from configurator import calibration_batches, configure, fail, setup_device
+from model import allocate_budget, check_tokenizer, check_width, load_checkpoint, make_policy
 
 # -----------------------------------------------------------------------------
 out_dir = "out-shakespeare-mose"   # the MoSE checkpoint to sweep
@@ -29,11 +29,17 @@ compare = ""                       # comma-separated checkpoint dirs of baseline
 data_dir = ""                      # '' = from the checkpoint's config
 dataset = ""
 eval_tokens = 131072               # validation tokens per operating point (non-overlapping windows)
+match_tol = 0.01                   # also report the cheapest measured point within this many nats of a baseline's
+split = "val"                      # 'val', or 'holdout': the held-out tail of train.bin that the main model was
+                                   # trained without (train.py --holdout_tokens), for choosing recipes
 batch_size = 32
 widths = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0)
 grid_widths = (0.25, 0.5, 0.75)    # width x k_exp combinations
+width = ()                         # one more operating point, per MoE layer: --width=0.5,1.0 --k_exp=1,2 (one value
+k_exp = ()                         # = every layer; none = full width / training k); the row's policy is 'per_layer'
 gammas = (0.0, 1.0, 2.0, 4.0, 8.0) # confidence policy, each fitted to every budget in conf_budgets
-conf_budgets = (0.75, 0.5, 0.3)
+conf_budgets = (0.75, 0.5, 0.3)    # also the budgets of 'search' (gamma searched) and 'allocate' (per layer)
+allocate_k = False                 # the allocator may also lower a layer's k, not only its width
 ttt_budgets = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3)
 ttt_batches = 50                   # the paper: 50 batches of 6 sequences, SGD lr 0.01
 ttt_batch_size = 6
@@ -86,6 +92,18 @@ T = main_model.config.block_size
 for name, (m, _) in models.items():
     if m.config.block_size != T:
         fail(f"{name} has block_size {m.config.block_size}, {main_name} {T}: compare models of one context length")
+# --width / --k_exp: one operating point with a width and a k per MoE layer of the main model, checked now
+per_layer_point = None
+if width or k_exp:
+    for key, values in (("width", width), ("k_exp", k_exp)):
+        if len(values) > 1 and len(values) != main_model.config.n_moe_layers:
+            fail(f"--{key} has {len(values)} values but {main_name} has {main_model.config.n_moe_layers} MoE layers: "
+                 f"give one value, or one per MoE layer")
+    one = lambda values, default: default if not values else values[0] if len(values) == 1 else list(values)
+    try:   # the model's own checks (widths in (0, 1], k in [1, n_exp]); it returns one value per MoE layer
+        per_layer_point = main_model.resolve_dials(one(width, 1.0), one(k_exp, None))
+    except ValueError as e:
+        fail(str(e))
 
 
 def load_split(split):
@@ -97,7 +115,22 @@ def load_split(split):
 
 # validation: non-overlapping windows from the start of the split, the same for every row (so differences
 # between rows are paired); on Tiny Shakespeare the default covers the whole split
+if split not in ("val", "holdout"):
+    fail(f"split must be val or holdout, got '{split}'")
+holdout_tokens = main_ckpt["config"].get("holdout_tokens", 0)
+if split == "holdout":
+    for name, (_, ckpt) in models.items():
+        if ckpt["config"].get("holdout_tokens", 0) != holdout_tokens or not holdout_tokens:
+            fail(f"--split=holdout needs every model trained with the same --holdout_tokens (> 0); {name} has "
+                 f"{ckpt['config'].get('holdout_tokens', 0)}, {main_name} {holdout_tokens}")
 val = load_split("val")
+if split == "holdout":   # from here on 'val' is the text the rows are scored on
+    val = load_split("train")[-holdout_tokens:]
+for name, (_, ckpt) in models.items():   # every model is scored on this text: its ids must mean the same
+    try:
+        check_tokenizer(ckpt.get("meta") or {"tokenizer": "gpt2"}, os.path.join(data_dir, dataset))
+    except ValueError as e:
+        fail(f"{name}: {e}")
 n_windows = min(eval_tokens // T, (len(val) - 1) // T)
 if n_windows < 2:   # a standard error needs at least two windows
     fail(f"{dataset}'s val.bin has {len(val)} tokens, fewer than two windows of block_size {T} + 1: "
@@ -109,19 +142,22 @@ for i in range(0, n_windows, batch_size):
     x = torch.from_numpy(np.stack([val[j:j + T] for j in s]).astype(np.int64)).to(device)
     y = torch.from_numpy(np.stack([val[j + 1:j + 1 + T] for j in s]).astype(np.int64)).to(device)
     val_batches.append((x, y))
-# calibration text for fitting policies comes from the train split: never fit on what is reported
-train = load_split("train")
-if len(train) <= T:
-    fail(f"{dataset}'s train.bin has {len(train)} tokens, too few for a calibration window of block_size {T} + 1")
-gen = torch.Generator().manual_seed(seed)
-calib_batches = []
-for _ in range(ttt_batches):
-    ix = torch.randint(len(train) - T, (ttt_batch_size,), generator=gen).tolist()
-    x = torch.from_numpy(np.stack([train[j:j + T] for j in ix]).astype(np.int64)).to(device)
-    y = torch.from_numpy(np.stack([train[j + 1:j + 1 + T] for j in ix]).astype(np.int64)).to(device)
-    calib_batches.append((x, y))
-print(f"evaluating on {n_windows * T:,} validation tokens of {dataset} ({n_windows} windows of {T}), "
-      f"device {device}, dtype {dtype}")
+# calibration text for fitting policies comes from the train split, less the held-out tail: never fit on what
+# is reported (the same helper as sample.py's)
+try:
+    calib_batches = calibration_batches(os.path.join(data_dir, dataset), T, ttt_batches, ttt_batch_size, seed,
+                                        device, main_model.config.vocab_size, holdout_tokens)
+except ValueError as e:
+    fail(str(e))
+print(f"evaluating on {n_windows * T:,} {'validation' if split == 'val' else 'held-out training'} tokens of "
+      f"{dataset} ({n_windows} windows of {T}), device {device}, dtype {dtype}")
+# what each model cost to train (train.py counts it; older checkpoints lack it): compare at equal compute
+train_flops = {name: ckpt.get("train_flops") for name, (_, ckpt) in models.items()}
+for name, (_, ckpt) in models.items():
+    f = train_flops[name]
+    print(f"  {name}: trained {ckpt['iter_num']} steps" + (f", {ckpt['train_tokens']:,} tokens, {f:.4e} FLOPs"
+          + (f" ({f / train_flops[main_name]:.3f} of {main_name}'s)" if train_flops[main_name] else "") if f else
+          ", training FLOPs not recorded (an older checkpoint)"))
 
 
 @torch.no_grad()
@@ -159,8 +195,8 @@ def add_row(name, policy, width, k_exp, gamma=None, budget=None):
     k = (k_exp or model.config.k_exp) if model.config.n_exp else None
     result, per_seq = evaluate(model, width if model.config.n_exp else None, k)
     row = dict(model=name, policy=policy,
-               width=width if isinstance(width, float) else getattr(width, "Gamma", None),
-               k_exp=k, gamma=gamma, budget=budget, **result,
+               width=width if isinstance(width, (float, list)) else getattr(width, "Gamma", None),
+               k_exp=k, gamma=gamma, budget=budget, train_flops=train_flops[name], **result,
                rel_flops=result["flops_per_token"] / reference["total"],
                rel_expert_flops=result["expert_flops_per_token"] / reference["experts"] if reference["experts"] else None)
     rows.append(row)
@@ -202,6 +238,8 @@ for name, (model, ckpt) in models.items():
         for k in range(1, min(n_exp, 2 * k_train) + 1):
             if k != k_train:
                 add_row(name, "uniform", float(w), k)
+    if name == main_name and per_layer_point:                  # --width / --k_exp: one of each per MoE layer
+        add_row(name, "per_layer", *per_layer_point)
     if name != main_name:   # the policies are MoSE's: baselines get the dials they have
         continue
     for budget in conf_budgets:
@@ -217,6 +255,16 @@ for name, (model, ckpt) in models.items():
         g = policy.gamma.tolist() if isinstance(policy.gamma, torch.Tensor) else policy.gamma
         add_row(name, "ttt", policy, k_train, g, budget)
         print(f"  (ttt fitted in {time.time() - t0:.1f}s on {len(calib_batches)} train batches)")
+    for budget in conf_budgets:   # gamma searched, and a width (and k) per layer allocated, on calibration text
+        policy = fit_policy("search", budget=budget)
+        if policy is not None:
+            add_row(name, "search", policy, k_train, policy.gamma, budget)
+        try:
+            layer_widths, layer_ks = allocate_budget(main_model, calib_batches, budget, k_train, w_min,
+                                                     k_choices=range(1, k_train) if allocate_k else ())
+            add_row(name, "allocate", layer_widths, layer_ks, None, budget)
+        except ValueError as e:
+            print(f"  (skipped allocate at budget {budget}: {e})")
 
 
 # -----------------------------------------------------------------------------
@@ -273,35 +321,79 @@ for name, (model, _) in models.items():
         saved_e = f", {1 - need_e / r['expert_flops_per_token']:+.1%} of expert FLOPs" if r["expert_flops_per_token"] else ""
         print(f"{point}; {main_name} reaches it with {need / 1e6:.3f}: saves {1 - need / r['flops_per_token']:+.1%} "
               f"of total FLOPs{saved_e}")
+    for r in frontier(base):   # no interpolation: the cheapest operating point actually measured within match_tol
+        near = [m for m in main_front if m["val_loss"] <= r["val_loss"] + match_tol]
+        if near and r["expert_flops_per_token"]:
+            m = min(near, key=lambda m: m["expert_flops_per_token"])
+            w = "/".join(f"{x:g}" for x in m["width"]) if isinstance(m["width"], list) else \
+                "-" if m["width"] is None else f"{m['width']:.3g}"
+            print(f"  within {match_tol:g} of {r['policy']} w={r['width']:g} k={r['k_exp']} ({r['val_loss']:.4f}): "
+                  f"{main_name}'s {m['policy']} w={w} k={m['k_exp']} at {m['val_loss']:.4f} saves "
+                  f"{1 - m['expert_flops_per_token'] / r['expert_flops_per_token']:+.1%} of expert FLOPs, "
+                  f"{1 - m['flops_per_token'] / r['flops_per_token']:+.1%} of total FLOPs")
     ref = next((i for i, r in enumerate(rows) if r["model"] == name and r["policy"] != "confidence"
                 and r["width"] == 1.0 and r["k_exp"] == (model.config.k_exp if model.config.n_exp else None)), None)
     mine = next(i for i, r in enumerate(rows) if r["model"] == main_name and r["width"] == 1.0
                 and r["k_exp"] == main_model.config.k_exp and r["policy"] == "uniform")
     print(f"  at full width: {main_name} - {name} = {paired_difference(mine, ref)} "
           f"nats (paired over the same {len(seq_losses[mine])} validation windows)")
+    # a smaller baseline (e.g. a dedicated MoE with narrower experts): the main model's uniform width that spends
+    # the same forward FLOPs per token, paired
+    same = next((i for i, r in enumerate(rows) if r["model"] == main_name and r["policy"] == "uniform"
+                 and r["k_exp"] == rows[ref]["k_exp"] and abs(r["flops_per_token"] / rows[ref]["flops_per_token"] - 1)
+                 < 1e-3), None) if ref is not None and rows[ref]["policy"] == "uniform" else None
+    if same is not None and same != mine:
+        print(f"  at its FLOPs ({rows[ref]['flops_per_token'] / 1e6:.3f} MFLOPs/token): {main_name} w="
+              f"{rows[same]['width']:g} - {name} = {paired_difference(same, ref)} nats")
 
 # do per-token widths beat one width for all at the same budget?
 uniform_at = {r["width"]: i for i, r in enumerate(rows) if r["model"] == main_name and r["policy"] == "uniform"
               and r["k_exp"] == main_model.config.k_exp}
 pairs = [(i, uniform_at[r["budget"]]) for i, r in enumerate(rows)
-         if r["model"] == main_name and r["policy"] in ("confidence", "ttt") and r["budget"] in uniform_at]
+         if r["model"] == main_name and r["policy"] in ("confidence", "ttt", "search", "allocate")
+         and r["budget"] in uniform_at]
 if pairs:
     print(f"\n{main_name}: width policies against uniform width = budget (paired over the same windows)")
+
+
+def setting(r):
+    """A policy row's own setting: its gamma, or (allocate) its width and k per MoE layer."""
+    if r["policy"] == "allocate":
+        return f"widths {'/'.join(f'{w:g}' for w in r['width'])} k {'/'.join(map(str, r['k_exp']))}"
+    return "gamma " + ("/".join(f"{g:.2f}" for g in r["gamma"]) if isinstance(r["gamma"], list) else f"{r['gamma']:.2f}")
+
+
 for i, j in pairs:
     r = rows[i]
-    gamma = "/".join(f"{g:.2f}" for g in r["gamma"]) if isinstance(r["gamma"], list) else f"{r['gamma']:.2f}"
-    print(f"  {r['policy']:<10} gamma {gamma:>5}, budget {r['budget']:.2f} (spent {r['rel_expert_flops']:.3f}): "
+    print(f"  {r['policy']:<10} {setting(r):>11}, budget {r['budget']:.2f} (spent {r['rel_expert_flops']:.3f}): "
           f"{r['val_loss']:.4f} - {rows[j]['val_loss']:.4f} = {paired_difference(i, j)}")
+# gamma three ways: searched on calibration text, learned by ttt, and the grid's best chosen on the reported text
+# itself (an optimistic reference: no fitted method can expect to beat it)
+sides = []
+for budget in conf_budgets:
+    at = {p: [i for i, r in enumerate(rows) if r["model"] == main_name and r["policy"] == p and r["budget"] == budget]
+          for p in ("search", "ttt", "confidence")}
+    if at["search"] and at["confidence"]:
+        sides.append((budget, at["search"][0], at["ttt"][0] if at["ttt"] else None,
+                      min(at["confidence"], key=lambda i: rows[i]["val_loss"])))
+if sides:
+    print(f"\n{main_name}: gamma searched on calibration text, learned by ttt, and the best of the grid {gammas} "
+          f"(chosen on the reported text)")
+for budget, s, t, g in sides:
+    ttt_cell = f"ttt {setting(rows[t])} {rows[t]['val_loss']:.4f}" if t is not None else "ttt -"
+    print(f"  budget {budget:.2f}: search {setting(rows[s])} {rows[s]['val_loss']:.4f} | {ttt_cell} | best of grid "
+          f"{setting(rows[g])} {rows[g]['val_loss']:.4f}; search - best of grid = {paired_difference(s, g)}")
 
 if json_path:
-    keys = ("model", "policy", "width", "k_exp", "gamma", "budget", "flops_per_token", "expert_flops_per_token",
-            "rel_flops", "rel_expert_flops", "val_loss", "val_loss_stderr", "tokens_per_s")
+    keys = ("model", "train_flops", "policy", "width", "k_exp", "gamma", "budget", "flops_per_token",
+            "expert_flops_per_token", "rel_flops", "rel_expert_flops", "val_loss", "val_loss_stderr", "tokens_per_s")
     with open(json_path, "w") as f:
         json.dump([{k: r[k] for k in keys} for r in rows], f, indent=1)
     print(f"wrote {len(rows)} rows to {json_path}")
 if plot:   # matplotlib was imported at start-up, so a missing package never costs a finished sweep
     fig, ax = plt.subplots(figsize=(8, 5))
-    markers = {"uniform": "o", "confidence": "^", "ttt": "v", "dense": "s"}
+    markers = {"uniform": "o", "confidence": "^", "ttt": "v", "search": "D", "allocate": "P", "per_layer": "x",
+               "dense": "s"}
     for n, name in enumerate(models):   # one colour per model, one marker per policy, its frontier dashed
         for policy, marker in markers.items():
             rs = [r for r in rows if r["model"] == name and r["policy"] == policy]

@@ -6,7 +6,9 @@ Read top to bottom:
   2. CausalSelfAttention, MLP    the dense parts, as in nanoGPT (attention is never slimmed)
   3. Router                      fp32 gate -> softmax -> top-k; load-balancing, z and hierarchical losses
   4. SlimmableExperts            stacked expert weights; expert e at width w runs its first h(w) hidden units
-  5. MoSELayer                   dropless sort-based dispatch: route -> widths -> sort -> run -> combine
+  5. MoSELayer                   dropless sort-based dispatch: route -> widths -> sort -> run -> combine;
+                                 `dispatch` runs one grouped matmul pair per width, `dispatch_loop` (the
+                                 explanation and test reference) one matmul pair per (width, expert) bucket
   6. Width policies              turn router probabilities into widths (uniform, confidence) + fitting them
                                  to a FLOPs budget (bisection) and by test-time training of gamma (ttt)
   7. Block, GPT                  forward(idx, targets, width, k_exp), flops_per_token, generate (KV cache)
@@ -18,6 +20,7 @@ Slimmable / Universally Slimmable Networks (nested prefix widths, sandwich rule)
 
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -122,6 +125,16 @@ class Routing(NamedTuple):
     probs: torch.Tensor        # (N, E) router probabilities over all experts (softmax of the fp32 logits)
     loss: torch.Tensor         # () weighted sum of this layer's router losses
     load: torch.Tensor         # (n_exp,) fraction of (token, expert) pairs sent to each expert
+    used: torch.Tensor = None  # (N, k) bool, top-p routing only: which of the k pairs the token uses (the
+                               # others have gate 0 and are never run); None = all k are used
+
+
+class MoEOutput(NamedTuple):
+    """What one MoSE layer hands back up to GPT.forward."""
+    y: torch.Tensor            # (B, T, C) the layer's output
+    routing: Routing           # the router's decisions and losses
+    spent: torch.Tensor        # (N,) expert FLOPs each token spent in this layer
+    mean_width: torch.Tensor   # () mean width over the (token, expert) pairs that ran
 
 
 class Router(nn.Module):
@@ -140,8 +153,9 @@ class Router(nn.Module):
         self.z_loss_weight = config.z_loss_weight
         self.hr_loss_weight = config.hr_loss_weight
 
-    def forward(self, x, k, k_pool=None):
-        # x: (N, C) tokens; k: experts per token; k_pool: Elastic MoE co-activation pool (training only)
+    def forward(self, x, k, k_pool=None, top_p=None):
+        # x: (N, C) tokens; k: experts per token (with top_p: at most); k_pool: Elastic MoE co-activation pool
+        # (training only); top_p: Matryoshka MoE's top-p routing, a probability mass in (0, 1]
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.w_g.weight.float())  # (N, E)
         probs = logits.softmax(dim=-1)                              # (N, E)
@@ -150,10 +164,19 @@ class Router(nn.Module):
             top_probs = probs.gather(1, expert_idx)
         else:
             top_probs, expert_idx = probs.topk(k, dim=-1)           # (N, k), sorted by probability
+        used = None
+        if top_p is not None:
+            # each token takes experts in order of probability until their mass reaches top_p (at least one,
+            # at most k): pair j is used iff the mass of the pairs before it is still short of top_p
+            mass_before = top_probs.cumsum(dim=-1) - top_probs      # (N, k)
+            used = mass_before < top_p
+            used[:, 0] = True
+            top_probs = top_probs * used                            # unused pairs: gate 0
         gates = top_probs / top_probs.sum(dim=-1, keepdim=True)
         # load: fraction of all (token, expert) assignments that went to each expert; 1/E each when balanced
+        assigned = torch.ones(expert_idx.shape, device=x.device) if used is None else used.float()  # (N, k)
         load = torch.zeros(self.n_exp, device=x.device).index_add_(
-            0, expert_idx.flatten(), torch.ones(expert_idx.numel(), device=x.device)) / expert_idx.numel()
+            0, expert_idx.flatten(), assigned.flatten()) / assigned.sum()
         loss = self.aux_loss_weight * self.n_exp * (load * probs.mean(dim=0)).sum()   # Switch: = 1 at balance
         loss = loss + self.z_loss_weight * torch.logsumexp(logits, dim=-1).square().mean()  # ST-MoE z-loss
         if self.hr_loss_weight > 0:
@@ -161,7 +184,7 @@ class Router(nn.Module):
             # that its top-1/2/4 prefixes are meaningful when k changes at inference.
             entropy = -(probs * probs.clamp_min(1e-9).log()).sum(dim=-1).mean()
             loss = loss + self.hr_loss_weight * (entropy - math.log(self.n_exp))
-        return Routing(expert_idx, gates, probs, loss, load.detach())
+        return Routing(expert_idx, gates, probs, loss, load.detach(), used)
 
     @staticmethod
     def coactivation_sample(probs, k, k_pool):
@@ -189,9 +212,57 @@ def hidden_units(width, full, multiple=1):
     return h if isinstance(width, torch.Tensor) else int(h)
 
 
+def pair_flops(n_embd, h):
+    """Forward FLOPs of one (token, expert) pair at h hidden units: two matmuls, (1 x C) @ (C x h) and
+    (1 x h) @ (h x C), at 2 FLOPs per multiply-add. The one place this constant lives (dispatch and
+    flops_breakdown both use it)."""
+    return 4 * n_embd * h
+
+
 def check_width(width, name="width"):
     if not 0.0 < width <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {width}")
+
+
+def grouped_mm_runs(x, *dims):
+    """Whether F.grouped_mm takes matrices with these row lengths here: on the CPU in every float dtype, on
+    CUDA in bf16 from compute capability 8.0; on both, every row a multiple of 16 bytes (width_multiple 64
+    gives that at any width). Where it does not, expert_matmul loops over the experts instead."""
+    if not hasattr(F, "grouped_mm") or any(d * x.element_size() % 16 for d in dims):
+        return False
+    return x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16
+                                      and torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
+def expert_matmul(x, w, counts, grouped):
+    """x (n, K) rows sorted by expert, counts[e] of them for expert e; w (E, K, M). Each expert's rows times
+    its own matrix: (n, M). One F.grouped_mm call, or the same as a loop where that kernel does not run."""
+    if grouped:
+        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)   # where each expert's rows end
+        return F.grouped_mm(x, w, offs=offs)
+    return torch.cat([rows @ we for rows, we in zip(x.split(counts), w.unbind(0))])   # unbind: one backward
+
+
+class PrefixViews(torch.autograd.Function):
+    """w.narrow(dim, 0, h) for each h in hs, with one gradient buffer for all of them. Autograd's own slice
+    gives every slice a zero-filled gradient of w's full size, added into the rest: with one slice per width
+    that memory traffic cost as much as the matmuls' backward. Here each slice's gradient is added in place."""
+
+    @staticmethod
+    def forward(ctx, w, dim, *hs):
+        ctx.dim, ctx.hs, ctx.shape = dim, hs, w.shape
+        ctx.set_materialize_grads(False)   # a width nobody used sends no gradient
+        return tuple(w.narrow(dim, 0, h) for h in hs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g = None
+        for h, gh in zip(ctx.hs, grads):
+            if gh is not None:
+                g = g if g is not None else \
+                    gh.new_zeros(ctx.shape, dtype=torch.promote_types(gh.dtype, torch.float32))  # bf16: sum in fp32
+                g.narrow(ctx.dim, 0, h).add_(gh)
+        return (g, None) + (None,) * len(ctx.hs)
 
 
 class SlimmableExperts(nn.Module):
@@ -222,6 +293,31 @@ class SlimmableExperts(nn.Module):
             a = a * mask.to(a.dtype)
         y = a @ self.c_proj[e, :h, :]                                      # (n, C)
         return y + self.b_proj[e] if self.b_proj is not None else y
+
+    def forward_grouped(self, x, counts, hs, expert, mask=None):
+        """What `forward` does bucket by bucket, one width at a time: x (n, C) holds rows sorted by (hidden
+        units, expert), counts (L, E) the rows of each bucket, hs the L hidden-unit counts (ascending), expert
+        (n,) each row's expert, mask (n, H) an optional soft prefix mask. Per width: one grouped matmul pair
+        runs every expert on its own contiguous rows (F.grouped_mm), so the matmul calls grow with the number
+        of distinct widths, not widths x experts. Returns (n, C)."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x = x.to(dtype)   # F.grouped_mm is not on autocast's list: cast as autocast would cast a matmul
+        c_fc = PrefixViews.apply(self.c_fc.to(dtype), 2, *hs)             # L views (E, C, h)
+        c_proj = PrefixViews.apply(self.c_proj.to(dtype), 1, *hs)         # L views (E, h, C)
+        outs, start = [], 0
+        for l, h in enumerate(hs):
+            n, grouped = sum(counts[l]), grouped_mm_runs(x, *self.c_fc.shape[1:], h)
+            rows, sl = x[start:start + n], slice(start, start + n)
+            a = expert_matmul(rows, c_fc[l], counts[l], grouped)           # (n, h)
+            if self.b_fc is not None:
+                a = a + self.b_fc[expert[sl], :h].to(dtype)
+            a = F.gelu(a)
+            if mask is not None:
+                a = a * mask[sl, :h].to(dtype)
+            y = expert_matmul(a, c_proj[l], counts[l], grouped)            # (n, C)
+            outs.append(y + self.b_proj[expert[sl]].to(dtype) if self.b_proj is not None else y)
+            start += n
+        return torch.cat(outs)
 
     def forward_reference(self, x, expert_idx, gates, h):
         """Slow, obviously-correct reference for the tests: every expert on every token at full width,
@@ -270,23 +366,63 @@ class MoSELayer(nn.Module):
         self.experts = SlimmableExperts(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, width=1.0, k=2, k_pool=None):
+    def forward(self, x, width=1.0, k=2, k_pool=None, top_p=None):
         B, T, C = x.shape
         x = x.reshape(B * T, C)                                            # (N, C)
-        r = self.router(x, k, k_pool)
+        r = self.router(x, k, k_pool, top_p)
         # widths read the router's gates but never train it; they carry a gradient only when the policy has a
         # parameter being fitted (ttt's gamma), and only then does the dispatch take the differentiable path
         widths = width(r.gates.detach(), self.moe_index) if isinstance(width, WidthPolicy) else \
             torch.full_like(r.gates, width)                                # (N, k) one width per pair
         h = self.experts.h(widths.detach())                                # (N, k) hidden units per pair
-        if widths.requires_grad:   # a policy being fitted (ttt): full width, differentiable prefix mask
+        if r.used is not None:     # top-p routing: an unused pair has no hidden units, so it spends nothing
+            h = h * r.used
+            y = self.dispatch_used(x, r, h, prefix_mask(widths, h, self.experts.hidden) if widths.requires_grad
+                                   else None)
+        elif widths.requires_grad:   # a policy being fitted (ttt): full width, differentiable prefix mask
             y = self.dispatch(x, r.expert_idx, r.gates, h, soft_mask=prefix_mask(widths, h, self.experts.hidden))
         else:
             y = self.dispatch(x, r.expert_idx, r.gates, h)
-        spent = 4 * C * h.sum(dim=1).float()                               # (N,) expert FLOPs of each token
-        return self.dropout(y).view(B, T, C), r, spent, h.float().mean() / self.experts.hidden
+        spent = pair_flops(C, h.sum(dim=1).float())                        # (N,) expert FLOPs of each token
+        pairs = h.numel() if r.used is None else r.used.sum()
+        return MoEOutput(self.dropout(y).view(B, T, C), r, spent, h.float().sum() / pairs / self.experts.hidden)
+
+    def dispatch_used(self, x, r, h, soft_mask=None):
+        """Top-p routing: the unused pairs leave the (token, expert) list before the dispatch, which sees each
+        used pair as a token of its own with k = 1; the pairs' outputs are added back to their tokens."""
+        token, j = r.used.nonzero(as_tuple=True)                           # (M,) each used pair
+        pick = lambda t: t[token, j][:, None]                              # (M, 1, ...)
+        y = self.dispatch(x[token], pick(r.expert_idx), pick(r.gates), pick(h),
+                          **({} if soft_mask is None else dict(soft_mask=pick(soft_mask))))   # (M, C)
+        return y.new_zeros(x.size(0), x.size(1)).index_add_(0, token, y)   # (N, C)
 
     def dispatch(self, x, expert_idx, gates, h, soft_mask=None):
+        """The dispatch forward() runs: dispatch_loop's sort and combine (read that first, it is the
+        explanation), but each width runs as one grouped matmul pair over all experts
+        (SlimmableExperts.forward_grouped) instead of one matmul pair per (width, expert) bucket. Same result,
+        tested against dispatch_loop and forward_reference, forward and gradients."""
+        N, k = expert_idx.shape
+        E, H = self.experts.c_fc.size(0), self.experts.hidden
+        if N * k <= E and soft_mask is None:   # decoding one token: a few pairs, each run on its own row,
+            pairs = zip(expert_idx.flatten().tolist(), h.flatten().tolist())   # no sort, no buckets
+            y = torch.stack([self.experts(x[i // k:i // k + 1], e, units) for i, (e, units) in enumerate(pairs)])
+            return (y.view(N, k, -1) * gates[..., None].to(y.dtype)).sum(dim=1)   # (N, C)
+        token = torch.arange(N, device=x.device).repeat_interleave(k)      # (N*k,)
+        expert, units, gate = expert_idx.flatten(), h.flatten(), gates.flatten()
+        if soft_mask is not None:        # a policy being fitted: every pair at full width, the mask slims
+            units = torch.full_like(units, H)
+        order = (units * E + expert).argsort(stable=True)                  # contiguous (width, expert) buckets
+        hs, level = torch.unique(units, return_inverse=True)               # (L,) distinct widths, (N*k,) which
+        counts = torch.bincount(level * E + expert, minlength=hs.numel() * E).view(-1, E)   # (L, E) bucket sizes
+        rows = x[token[order]]                                             # (N*k, C) gathered inputs
+        mask = soft_mask.flatten(0, 1)[order] if soft_mask is not None else None   # (N*k, H) same order
+        y = self.experts.forward_grouped(rows, counts.tolist(), hs.tolist(), expert[order], mask)  # one host sync
+        y = y * gate[order, None].to(y.dtype)                              # (N*k, C)
+        return torch.zeros(N, x.size(1), dtype=y.dtype, device=x.device).index_add_(0, token[order], y)
+
+    def dispatch_loop(self, x, expert_idx, gates, h, soft_mask=None):
+        """The dispatch written as a loop over (width, expert) buckets: the readable explanation of
+        `dispatch` and its reference in the tests."""
         N, k = expert_idx.shape
         # 1. flatten the (token, expert) pairs
         token = torch.arange(N, device=x.device).repeat_interleave(k)      # (N*k,)
@@ -324,7 +460,7 @@ def prefix_mask(widths, h, full, tau=None):
     units = torch.arange(full, device=widths.device, dtype=widths.dtype) + 0.5       # (H,) unit centres
     hard = (units < h[..., None]).to(widths.dtype)                                   # (N, k, H)
     soft = torch.sigmoid((widths[..., None] * full - units) / tau)                   # (N, k, H)
-    return hard + soft - soft.detach()
+    return hard + soft - soft.detach()   # straight-through: the value of `hard`, the gradient of `soft`
 
 
 # -----------------------------------------------------------------------------
@@ -359,8 +495,13 @@ class ConfidenceWidth(WidthPolicy):
         q_i = p_i**gamma / sum_{j in S} p_j**gamma          sharpen, renormalise over S
         w_i = snap( clip(k * Gamma * q_i, w_min, 1) )        share a mean-width budget Gamma
 
+    Two parameters, named as in the paper, that differ only by case:
+      gamma  the *sharpness* (an exponent): 0 = ignore the router, 1 = its gates as they are, large = winner takes all
+      Gamma  the *budget*: the mean width of a token's k experts before clipping and snapping, since the
+             widths k * Gamma * q_i sum to k * Gamma
     gamma = 0 gives every expert width Gamma (clipped and snapped like any width); a large gamma gives the
-    budget to the most confident expert.
+    budget to the most confident expert. Example, gates (0.7, 0.3), Gamma = 0.5: gamma = 1 gives widths
+    (0.70, 0.30); gamma = 2 gives q = (0.84, 0.16), widths (0.85, 0.16 -> clipped to w_min 0.25), a mean of 0.55.
     Because of the clip and the snap to the `grid` the spent FLOPs only approximately follow Gamma: measure
     them (the forward reports them) or use `fit_budget` to move Gamma until they match a target.
     `gamma` is a float, or a tensor with one value per MoE layer (what `fit_ttt` learns)."""
@@ -388,6 +529,28 @@ class ConfidenceWidth(WidthPolicy):
     def __repr__(self):
         g = self.gamma.tolist() if isinstance(self.gamma, torch.Tensor) else self.gamma
         return f"ConfidenceWidth(gamma={g}, Gamma={self.Gamma:.4f}, w_min={self.w_min:g}, grid={self.grid:g})"
+
+
+class RandomWidth(WidthPolicy):
+    """A training policy: every (token, expert) pair draws its own width, the full width with probability
+    p_full, else uniform in [w_min, 1] snapped to `grid` (0: continuous). One pass then trains many widths at
+    once, at less than the cost of a full-width step, and shows the model the mixed widths that the confidence
+    policy uses at inference. Draws come from `generator` (a CPU torch.Generator, so a resumed run continues
+    the same stream) and are moved to the gates' device."""
+
+    def __init__(self, p_full=0.5, w_min=0.25, grid=0.25, generator=None):
+        check_width(w_min, "w_min")
+        self.p_full, self.w_min, self.grid, self.generator = float(p_full), float(w_min), float(grid), generator
+
+    def __call__(self, gates, moe_index):
+        u = torch.rand((2, *gates.shape), generator=self.generator)            # (2, N, k) on the CPU
+        w = self.w_min + (1 - self.w_min) * u[1]
+        if self.grid:
+            w = (torch.round(w / self.grid) * self.grid).clamp(self.w_min, 1.0)
+        return torch.where(u[0] < self.p_full, 1.0, w).to(gates.device)
+
+    def __repr__(self):
+        return f"RandomWidth(p_full={self.p_full:g}, w_min={self.w_min:g}, grid={self.grid:g})"
 
 
 @torch.no_grad()
@@ -461,7 +624,97 @@ def fit_ttt(model, batches, budget, k_exp=None, lr=0.01, per_layer=False, w_min=
         model.train(was_training)
 
 
-POLICIES = ("uniform", "confidence", "ttt")
+@torch.no_grad()
+def calibration_loss(model, batches, width=None, k_exp=None):
+    """Mean language-model loss on calibration batches [(x, y)] at a dial (a width, a list, a policy)."""
+    return sum(model(x, y, width=width, k_exp=k_exp).loss.item() for x, y in batches) / len(batches)
+
+
+@torch.no_grad()
+def fit_search(model, batches, budget, k_exp=None, w_min=0.25, grid=0.05, gammas=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0),
+               refine=4, calib_batches=None):
+    """A gamma that is actually fitted: a 1-D search over gamma on calibration text. Every candidate gets its
+    Gamma refitted to the budget (fit_budget on `calib_batches`, default the first 4 batches' inputs) and is
+    scored by its true LM loss on `batches`, so candidates are compared at equal spent FLOPs. First the grid
+    `gammas`, then `refine` golden-section steps between the best grid point's neighbours; the best gamma
+    tried wins. Returns its ConfidenceWidth. Raises ValueError if no gamma can meet the budget."""
+    calib = calib_batches or [x for x, _ in batches[:4]]
+    tried = {}                                                 # gamma -> (calibration loss, fitted policy)
+
+    def score(g):
+        if g not in tried:
+            try:
+                p = fit_budget(model, ConfidenceWidth(g, budget, w_min, grid), calib, budget, k_exp)
+                tried[g] = (calibration_loss(model, batches, p, k_exp), p)
+            except ValueError:                                 # out of reach at this gamma: never chosen
+                tried[g] = (math.inf, None)
+        return tried[g][0]
+
+    was_training = model.training
+    model.eval()
+    try:
+        gs = sorted(set(float(g) for g in gammas))
+        best = min(range(len(gs)), key=lambda i: score(gs[i]))
+        if tried[gs[best]][1] is None:
+            raise ValueError(f"budget {budget} is out of reach for every gamma in {gs}: lower w_min or the budget")
+        lo, hi = gs[max(best - 1, 0)], gs[min(best + 1, len(gs) - 1)]
+        r = (math.sqrt(5) - 1) / 2                             # golden section: one new point per step
+        a, b = hi - r * (hi - lo), lo + r * (hi - lo)
+        for _ in range(refine if hi > lo else 0):
+            if score(a) <= score(b):
+                hi, b, a = b, a, b - r * (b - lo)
+            else:
+                lo, a, b = a, b, a + r * (hi - a)
+        return tried[min(tried, key=lambda g: tried[g][0])][1]
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def allocate_budget(model, batches, budget, k_exp=None, w_min=0.25, step=0.05, k_choices=()):
+    """Layer-wise budget allocation: every MoE layer starts at full width (and k_exp); then, greedily, the move
+    that raises the LM loss on calibration `batches` least per expert FLOP it saves is taken, until the expert
+    FLOPs are within `budget` (a fraction of full width at k_exp). A move narrows one layer to its next width
+    on the `step` grid that has fewer hidden units, or (k_choices) gives one layer a smaller k.
+    Returns (widths, ks), one of each per MoE layer. Raises ValueError if w_min cannot meet the budget."""
+    _, ks = model.resolve_dials(None, k_exp)
+    cfg, n = model.config, model.config.n_moe_layers
+    experts = lambda w, k: model.flops_breakdown(w, k)["experts"]
+    target = budget * experts(1.0, ks)
+    # the widths a layer can step through: 1, 1 - step, ... down to w_min, one per distinct hidden-unit count
+    ladder = []
+    for i in range(int(round((1 - w_min) / step)) + 1):
+        w = round(max(1.0 - i * step, w_min), 10)
+        if not ladder or hidden_units(w, cfg.expert_hidden, cfg.width_multiple) < \
+                hidden_units(ladder[-1], cfg.expert_hidden, cfg.width_multiple):
+            ladder.append(w)
+    was_training = model.training
+    model.eval()
+    try:
+        widths = [1.0] * n
+        loss = calibration_loss(model, batches, widths, ks)
+        while experts(widths, ks) > target * (1 + 1e-9):
+            moves = []
+            for layer in range(n):
+                rung = ladder.index(widths[layer])
+                if rung + 1 < len(ladder):
+                    moves.append(([*widths[:layer], ladder[rung + 1], *widths[layer + 1:]], ks))
+                moves += [(widths, [*ks[:layer], k, *ks[layer + 1:]]) for k in k_choices if k < ks[layer]]
+            if not moves:
+                raise ValueError(f"budget {budget} is below what w_min={w_min} allows; lower w_min")
+            best = None
+            for w, k in moves:
+                saved = experts(widths, ks) - experts(w, k)
+                new_loss = calibration_loss(model, batches, w, k)
+                if best is None or (new_loss - loss) / saved < best[0]:
+                    best = ((new_loss - loss) / saved, w, k, new_loss)
+            _, widths, ks, loss = best
+        return widths, ks
+    finally:
+        model.train(was_training)
+
+
+POLICIES = ("uniform", "confidence", "ttt", "search", "allocate")
 
 
 def make_policy(model, policy="uniform", width=1.0, budget=None, gamma=1.0, k_exp=None, batches=None,
@@ -470,6 +723,8 @@ def make_policy(model, policy="uniform", width=1.0, budget=None, gamma=1.0, k_ex
       uniform:     `width` for every expert; with a budget, the width whose expert FLOPs are that fraction.
       confidence:  ConfidenceWidth(gamma, Gamma=width); with a budget, Gamma is fitted to it on `batches`.
       ttt:         gamma learned on `batches` (a list of (x, y)) for the budget, which it requires.
+      search:      gamma searched on `batches`, Gamma refitted to the budget at each candidate (fit_search).
+      allocate:    one uniform width per MoE layer, chosen greedily on `batches` for the budget: a list.
     budget: a fraction of the full-width expert FLOPs at k_exp, in (0, 1]."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got '{policy}'")
@@ -478,13 +733,17 @@ def make_policy(model, policy="uniform", width=1.0, budget=None, gamma=1.0, k_ex
         raise ValueError(f"budget must be in (0, 1] (a fraction of full-width expert FLOPs), got {budget}")
     if policy == "uniform":
         return width if budget is None else budget
-    if policy == "ttt" and budget is None:
-        raise ValueError("policy 'ttt' learns gamma for a FLOPs budget: give a budget in (0, 1]")
+    if policy in ("ttt", "search", "allocate") and budget is None:
+        raise ValueError(f"policy '{policy}' fits a FLOPs budget: give a budget in (0, 1]")
     if budget is not None and not batches:
         raise ValueError("fitting a policy to a budget needs calibration batches of text")
     if policy == "confidence":
         p = ConfidenceWidth(gamma, width if budget is None else budget, w_min, grid)
         return p if budget is None else fit_budget(model, p, [x for x, _ in batches], budget, k_exp)
+    if policy == "search":
+        return fit_search(model, batches, budget, k_exp, w_min, grid)
+    if policy == "allocate":
+        return allocate_budget(model, batches, budget, k_exp, w_min)[0]
     return fit_ttt(model, batches, budget, k_exp, ttt_lr, per_layer, w_min, grid)
 
 
@@ -501,12 +760,12 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MoSELayer(config, moe_index) if moe_index is not None else MLP(config)
 
-    def forward(self, x, width, k, k_pool, cache=None):
+    def forward(self, x, width, k, k_pool, cache=None, top_p=None):
         x = x + self.attn(self.ln_1(x), cache)
         if isinstance(self.mlp, MLP):
             return x + self.mlp(self.ln_2(x)), None
-        y, *moe = self.mlp(self.ln_2(x), width, k, k_pool)
-        return x + y, moe
+        moe = self.mlp(self.ln_2(x), width, k, k_pool, top_p)                # MoEOutput
+        return x + moe.y, moe
 
 
 class GPTOutput(NamedTuple):
@@ -514,7 +773,7 @@ class GPTOutput(NamedTuple):
     loss: torch.Tensor        # language-model cross-entropy ONLY (comparable across dense, MoE and MoSE); None
                               # without targets
     router_loss: torch.Tensor  # weighted sum of all router losses; train on loss + router_loss
-    stats: dict               # expert_flops, flops_per_token, mean_width, load (per MoE layer)
+    stats: dict               # expert_flops, flops_per_token, mean_width, load and experts_per_token (per MoE layer)
 
 
 class GPT(nn.Module):
@@ -540,6 +799,10 @@ class GPT(nn.Module):
             # GPT-2's scaled init of the projections that write into the residual stream (experts too)
             if name.endswith("c_proj.weight") or name.endswith("experts.c_proj"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # the FLOPs outside the experts depend on the config only: counted once, not at every forward (on the
+        # CPU: the count is arithmetic, also when the model is being built on the meta device)
+        with torch.device("cpu"):
+            self.non_expert_flops = self.flops_breakdown()["non_expert"]
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -587,9 +850,11 @@ class GPT(nn.Module):
                 raise ValueError(f"k_exp must be an integer in [1, n_exp={cfg.n_exp}], got {k}")
         return widths, ks
 
-    def forward(self, idx, targets=None, width=None, k_exp=None, k_pool=None, kv_cache=None):
+    def forward(self, idx, targets=None, width=None, k_exp=None, k_pool=None, kv_cache=None, top_p=None):
         """idx, targets: (B, T) token ids. width / k_exp: the compute dials (see resolve_dials).
         k_pool: Elastic MoE co-activation pool size (training only). kv_cache: from new_kv_cache().
+        top_p: Matryoshka MoE top-p routing, each token takes its most probable experts until their mass
+        reaches top_p, at least 1 and at most k_exp (in stats: experts_per_token, per MoE layer).
         Returns GPTOutput(logits, loss, router_loss, stats)."""
         B, T = idx.size()
         past = kv_cache[0]["k"].size(2) if kv_cache and kv_cache[0] else 0
@@ -598,21 +863,25 @@ class GPT(nn.Module):
         widths, ks = self.resolve_dials(width, k_exp)
         if k_pool is not None and not 1 <= k_pool <= self.config.n_exp:
             raise ValueError(f"k_pool must be in [1, n_exp={self.config.n_exp}], got {k_pool}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p is a probability mass in (0, 1], got {top_p}")
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         router_loss = x.new_zeros((), dtype=torch.float32)
         spent = torch.zeros(B * T, device=idx.device)                     # expert FLOPs per token
-        loads, mean_widths = [], []
+        loads, mean_widths, experts_per_token = [], [], []
         for i, block in enumerate(self.transformer.h):
             m = block.mlp.moe_index if isinstance(block.mlp, MoSELayer) else None
             x, moe = block(x, widths[m] if m is not None else None, ks[m] if m is not None else None,
-                           k_pool, kv_cache[i] if kv_cache is not None else None)
+                           k_pool, kv_cache[i] if kv_cache is not None else None, top_p)
             if moe is not None:
-                routing, layer_spent, mean_width = moe
+                routing = moe.routing
                 router_loss = router_loss + routing.loss
-                spent = spent + layer_spent
+                spent = spent + moe.spent
                 loads.append(routing.load)
-                mean_widths.append(mean_width.detach())
+                mean_widths.append(moe.mean_width.detach())
+                experts_per_token.append(float(ks[m]) if routing.used is None else
+                                         routing.used.float().sum(dim=1).mean().item())
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
@@ -621,8 +890,8 @@ class GPT(nn.Module):
             logits = self.lm_head(x[:, [-1], :])   # inference: only the last position is needed
             loss = None
         expert_flops = spent.mean().detach()
-        stats = dict(expert_flops=expert_flops, load=loads,
-                     flops_per_token=self.flops_breakdown(1.0, ks or None)["non_expert"] + expert_flops,
+        stats = dict(expert_flops=expert_flops, load=loads, experts_per_token=experts_per_token,
+                     flops_per_token=self.non_expert_flops + expert_flops,
                      mean_width=torch.stack(mean_widths).mean() if mean_widths else torch.ones(()))
         return GPTOutput(logits, loss, router_loss, stats)
 
@@ -642,7 +911,7 @@ class GPT(nn.Module):
                                           + 2 * 2 * C * (T + 1) / 2),     # q.k and att.v over the mean context
                  dense_mlp=(cfg.n_layer - cfg.n_moe_layers) * 2 * 2 * C * 4 * C,
                  router=cfg.n_moe_layers * 2 * C * cfg.n_exp,
-                 experts=sum(k * 2 * 2 * C * hidden_units(w, H, cfg.width_multiple) for w, k in zip(widths, ks)),
+                 experts=sum(k * pair_flops(C, hidden_units(w, H, cfg.width_multiple)) for w, k in zip(widths, ks)),
                  lm_head=2 * C * cfg.vocab_size)
         f["non_expert"] = f["attention"] + f["dense_mlp"] + f["router"] + f["lm_head"]
         f["total"] = f["non_expert"] + f["experts"]
@@ -698,11 +967,21 @@ class GPT(nn.Module):
 
 
 def save_checkpoint(checkpoint, path):
-    """Write to a temporary file, then rename: a crash mid-write leaves the previous checkpoint intact."""
+    """Write to a temporary file, then rename: a crash mid-write leaves the previous checkpoint intact.
+    The fsyncs make it hold after a power cut too: without them the rename can reach the disk before the
+    data, leaving an empty ckpt.pt in place of both the old and the new one."""
     tmp = f"{path}.tmp"
     try:
         torch.save(checkpoint, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)   # atomic on POSIX and Windows
+        if os.name == "posix":  # the rename itself lives in the directory
+            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -712,13 +991,44 @@ def load_checkpoint(path, device="cpu"):
     """Returns (model, checkpoint dict). Raises FileNotFoundError / ValueError with a one-line message."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}: train one first (python train.py ...) or fix --out_dir")
+    unusable = lambda e: ValueError(f"{path} is not a usable checkpoint ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:120]}); it may be truncated or from another version: "
+                                    f"delete it and train again")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)   # optimizer state stays here
-        model = GPT(GPTConfig(**checkpoint["model_args"]))
+    except Exception as e:   # truncated file, not a torch file at all
+        raise unusable(e) from None
+    # another model family (nanoGPT's checkpoints, a bare state dict) has other model_args, or none
+    args = checkpoint.get("model_args") if isinstance(checkpoint, dict) else None
+    unknown = sorted(set(args) - set(GPTConfig.__dataclass_fields__)) if isinstance(args, dict) else None
+    if unknown is None or unknown or "model" not in checkpoint:
+        what = f"model_args {', '.join(unknown)} are not GPTConfig's" if unknown else "it has no model and model_args"
+        raise ValueError(f"{path} is not a nanoMoSE checkpoint ({what}): use one written by this repository's "
+                         f"train.py; a dense GPT of this repository can be upcycled with --init_from=upcycle:DIR")
+    try:
+        model = GPT(GPTConfig(**args))
         # a compiled model's state dict has its keys prefixed with _orig_mod.
         state = {k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()}
         model.load_state_dict(state)
-    except Exception as e:   # truncated file, wrong format, mismatched weights: all one story for the user
-        raise ValueError(f"{path} is not a usable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                         f"it may be truncated or from another version: delete it and train again") from None
+    except Exception as e:   # wrong values, mismatched weights: all one story for the user
+        raise unusable(e) from None
     return model.to(device), checkpoint
+
+
+def check_tokenizer(meta, split_dir):
+    """Raise ValueError unless the dataset in split_dir was tokenized as the checkpoint's text was (its
+    `meta`): otherwise the same token ids mean other text, and nothing fails, the numbers are just wrong.
+    A dataset without meta.pkl says nothing about its tokenizer, and passes."""
+    path = os.path.join(split_dir, "meta.pkl")
+    if not os.path.exists(path):
+        return
+    try:
+        data = pickle.load(open(path, "rb"))
+        same = meta["tokenizer"] == data["tokenizer"] and meta.get("stoi") == data.get("stoi")
+    except Exception as e:
+        raise ValueError(f"{path} is not a meta.pkl of prepare_data.py ({type(e).__name__}): prepare the data "
+                         f"again") from None
+    if not same:
+        say = lambda m: f"{m['tokenizer']}, vocabulary of {m.get('vocab_size', '?')}"
+        raise ValueError(f"the data in {split_dir} has another tokenizer or vocabulary ({say(data)}) than the "
+                         f"checkpoint ({say(meta)}): use the dataset it was trained on (--data_dir, --dataset)")

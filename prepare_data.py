@@ -181,5 +181,7 @@ if __name__ == "__main__":
         with open(path, encoding="utf-8", newline="") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        fail(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})")
+        fail(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it, e.g. iconv -t UTF-8")
+    if not text.strip():   # nothing to learn from, and train.py would only fail later on an empty split
+        fail(f"{path} is empty{' (only whitespace)' if text else ''}: give a text file with --input=PATH")
     prepare_text(text, tokenizer, out)

@@ -3,23 +3,24 @@ Sample from a trained model at a chosen compute:
 
     python sample.py --out_dir=out-shakespeare-mose                               # full width
     python sample.py --out_dir=out-shakespeare-mose --width=0.5 --k_exp=1         # the two dials by hand
+    python sample.py --out_dir=out-shakespeare-mose --width=0.5,1.0 --k_exp=1,2   # one per MoE layer
     python sample.py --out_dir=out-shakespeare-mose --policy=confidence --gamma=2 --width=0.5
     python sample.py --out_dir=out-shakespeare-mose --policy=ttt --budget=0.5     # half the expert FLOPs
 
 --budget is a fraction of the full-width expert FLOPs at the k_exp used; the script picks the settings that
-meet it: uniform takes width = budget, confidence fits Gamma on validation text, ttt first learns gamma there
-(test-time training) and then fits Gamma. After each sample it prints the FLOPs per token the model actually
-spent and the tokens per second.
+meet it: uniform takes width = budget, confidence fits Gamma on calibration text (random windows of the
+training split, a fixed seed), ttt first learns gamma there (test-time training) and then fits Gamma, search
+tries gammas there with Gamma refitted to the budget at each. After each sample it prints the FLOPs per token
+the model actually spent and the tokens per second.
 """
 
 import os
 import time
 
-import numpy as np
 import torch
 
-from configurator import configure, fail, setup_device
-from model import POLICIES, check_width, load_checkpoint, make_policy
+from configurator import calibration_batches, configure, fail, setup_device
+from model import POLICIES, check_tokenizer, check_width, load_checkpoint, make_policy
 
 # -----------------------------------------------------------------------------
 out_dir = "out"
@@ -34,9 +35,10 @@ dtype = "auto"            # bfloat16 on cuda where supported, else float16; floa
 compile = False
 use_cache = True          # KV cache: keys/values of earlier positions are kept between steps
 # the compute dials
-width = 1.0               # uniform width; the confidence policy's Gamma (mean-width budget) without --budget
-k_exp = 0                 # experts per token; 0 = the checkpoint's training value
-policy = "uniform"        # uniform | confidence | ttt
+width = (1.0,)            # uniform width, or one per MoE layer (--width=0.5,1.0); the confidence policy's
+                          # Gamma (mean-width budget) without --budget
+k_exp = (0,)              # experts per token, or one per MoE layer (--k_exp=1,2); 0 = the checkpoint's training value
+policy = "uniform"        # uniform | confidence | ttt | search (gamma searched) | allocate (a width per MoE layer)
 gamma = 1.0               # confidence policy: sharpness of the router probabilities
 budget = 0.0              # 0 = none; else a fraction in (0, 1] of the full-width expert FLOPs
 w_min = 0.25              # confidence / ttt: the narrowest width an expert may get
@@ -50,17 +52,26 @@ config = configure(globals())
 
 # check every dial before any work, so a typo costs nothing (the messages match model.make_policy's)
 try:
-    check_width(width)
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in width) or \
+            not all(isinstance(k, int) and not isinstance(k, bool) for k in k_exp):
+        raise ValueError("--width takes numbers in (0, 1] and --k_exp integers: one value for every MoE layer or "
+                         "one per MoE layer, e.g. --width=0.5,1.0 --k_exp=1,2")
+    for w in width:
+        check_width(float(w))
+    width = float(width[0]) if len(width) == 1 else [float(w) for w in width]   # per layer: checked below
+    if isinstance(width, list) and policy != "uniform":
+        raise ValueError(f"one width per MoE layer is a uniform dial; policy '{policy}' takes a single --width")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got '{policy}'")
     if budget and not 0 < budget <= 1:
         raise ValueError(f"budget must be in (0, 1] (a fraction of full-width expert FLOPs), got {budget}")
-    if policy == "ttt" and not budget:
-        raise ValueError("policy 'ttt' learns gamma for a FLOPs budget: pass --budget in (0, 1]")
+    fitted = {"ttt": "learns gamma", "search": "searches gamma", "allocate": "allocates widths to layers"}
+    if policy in fitted and not budget:
+        raise ValueError(f"policy '{policy}' {fitted[policy]} for a FLOPs budget: pass --budget in (0, 1]")
     if budget and width != 1.0:   # both would set the compute; silently preferring one hides a mistake
         raise ValueError("--width and --budget both set the compute: give one of them")
-    if k_exp < 0:
-        raise ValueError(f"k_exp must be >= 1, or 0 for the checkpoint's training value; got {k_exp}")
+    if min(k_exp) < 0:
+        raise ValueError(f"k_exp must be >= 1, or 0 for the checkpoint's training value; got {min(k_exp)}")
     check_width(w_min, "w_min")
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0 (0 = every expert gets the same width), got {gamma}")
@@ -85,11 +96,17 @@ except (ValueError, FileNotFoundError) as e:
 model.eval()
 cfg = model.config
 if cfg.n_exp == 0:
-    if width != 1.0 or k_exp or policy != "uniform" or budget:
+    if width != 1.0 or any(k_exp) or policy != "uniform" or budget:
         fail("this checkpoint is a dense GPT (n_exp=0): it has no width, k_exp, policy or budget dial")
     k = None
 else:
-    k = k_exp or cfg.k_exp
+    for name, values in (("width", width), ("k_exp", k_exp)):
+        n = len(values) if isinstance(values, (list, tuple)) else 1
+        if n > 1 and n != cfg.n_moe_layers:
+            fail(f"--{name} has {n} values but the model has {cfg.n_moe_layers} MoE layers: give one value, or one "
+                 f"per MoE layer")
+    k = [kk or cfg.k_exp for kk in k_exp]   # 0 = the training value
+    k = k[0] if len(k) == 1 else k
     try:
         model.resolve_dials(None, k)   # the model's own range check for k_exp
     except ValueError as e:
@@ -125,26 +142,17 @@ if not start_ids:
     fail("the prompt is empty: give at least one token with --start")
 
 
-def calibration_batches():
-    """(x, y) pairs of random block_size windows from the validation split, drawn with a fixed seed so a
-    budget fits the same way every run. The budget is met on this text, not on the model's own samples."""
+def calibration_text():
+    """The text a budget is fitted on: random windows of the training split with a fixed seed (the same
+    helper as bench_flops.py's). The budget is met on this text, not on the model's own samples."""
     saved = checkpoint.get("config", {})
     split_dir = os.path.join(data_dir or saved.get("data_dir", "data"), dataset or saved.get("dataset", ""))
-    path = os.path.join(split_dir, "val.bin")
-    if not os.path.exists(path):
-        fail(f"fitting a budget needs validation text: no {path} (set --data_dir and --dataset)")
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    T = cfg.block_size
-    if len(data) <= T:
-        fail(f"{path} has {len(data)} tokens: too few for windows of block_size {T} + 1")
-    gen = torch.Generator().manual_seed(seed)
-    ix = torch.randint(len(data) - T, (ttt_batches, ttt_batch_size), generator=gen)
-    xs = torch.from_numpy(np.stack([data[i:i + T + 1] for i in ix.flatten().tolist()]).astype(np.int64))
-    if xs.max() >= cfg.vocab_size:   # e.g. GPT-2 tokens fed to a char model: say so instead of an index error
-        fail(f"{path} has token ids up to {int(xs.max())}, beyond this model's vocabulary ({cfg.vocab_size}): "
-             f"is it the dataset the model was trained on?")
-    xs = xs.view(ttt_batches, ttt_batch_size, T + 1).to(device)
-    return [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in xs]
+    try:
+        check_tokenizer(meta, split_dir)
+        return calibration_batches(split_dir, cfg.block_size, ttt_batches, ttt_batch_size, seed, device,
+                                   cfg.vocab_size, saved.get("holdout_tokens", 0))
+    except ValueError as e:
+        fail(str(e))
 
 
 # the operating point: a width or a policy for forward(); fitting needs gradients (ttt), so no no_grad here
@@ -154,13 +162,14 @@ if cfg.n_exp:
     t0 = time.time()
     try:
         with ctx:
-            dial = make_policy(model, policy, width, budget or None, gamma, k,
-                               calibration_batches() if fits else None, w_min, ttt_lr=ttt_lr)
+            dial = width if isinstance(width, list) else \
+                make_policy(model, policy, width, budget or None, gamma, k,
+                            calibration_text() if fits else None, w_min, ttt_lr=ttt_lr)
     except ValueError as e:
         fail(str(e))
     model.eval()
     if fits:
-        how = (f", fitted to budget {budget:g} on {ttt_batches} x {ttt_batch_size} validation windows "
+        how = (f", fitted to budget {budget:g} on {ttt_batches} x {ttt_batch_size} training windows "
                f"in {time.time() - t0:.1f}s")
     elif budget:
         how = f", width = budget {budget:g}"
@@ -168,7 +177,8 @@ full = model.flops_breakdown(1.0)          # the reference: every expert at full
 full_k = model.flops_breakdown(1.0, k)     # the expert budget's reference: full width at the k_exp used
 at_k = "" if k in (None, cfg.k_exp) else f" at k_exp={cfg.k_exp}"
 if cfg.n_exp:
-    point = f"policy {policy}, {'width ' if isinstance(dial, float) else ''}{dial!r}, k_exp {k}{how}"
+    kind = "width " if isinstance(dial, float) else "widths per MoE layer " if isinstance(dial, list) else ""
+    point = f"policy {policy}, {kind}{dial!r}, k_exp {k}{how}"
     ref = f"full width{at_k}: {full['total'] / 1e6:.3f} MFLOPs/token ({full['experts'] / 1e6:.3f} in the experts" + \
         (f"; {full_k['experts'] / 1e6:.3f} at k_exp={k}" if at_k else "") + ")"
 else:

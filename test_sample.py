@@ -109,7 +109,7 @@ def test_each_policy_samples_and_reports_its_flops(ckpts, args):
     flops, rel, experts = spent(p.stdout)
     assert flops > 0 and rel < 100 and 0 < experts < 100
     if "--policy=ttt" in args:
-        # gamma learned and Gamma fitted on validation text, spent on the model's own samples: within 5 %
+        # gamma learned and Gamma fitted on calibration (training) text, spent on the model's own samples: within 5 %
         assert abs(experts / 50 - 1) < 0.05, p.stdout
     elif "--budget=0.5" in args:
         assert abs(experts / 50 - 1) < 0.1, p.stdout
@@ -155,14 +155,14 @@ def test_gpt2_tokenizer(ckpts, request):
 @pytest.mark.parametrize("args,message,model", [
     (["--width=0"], "width must be in (0, 1], got 0.0", "mose"),
     (["--budget=1.5"], "budget must be in (0, 1]", "mose"),
-    (["--policy=bogus"], "policy must be one of uniform, confidence, ttt; got 'bogus'", "mose"),
+    (["--policy=bogus"], "policy must be one of uniform, confidence, ttt, search, allocate; got 'bogus'", "mose"),
     (["--policy=ttt"], "policy 'ttt' learns gamma for a FLOPs budget", "mose"),
     (["--k_exp=9"], "k_exp must be an integer in [1, n_exp=4]", "mose"),
     (["--foo=1"], "unknown config key 'foo'", "mose"),
     (["--start=thé ✓"], "outside this model's vocabulary: 'é', '✓'", "mose"),
     (["--start=FILE:/no/such/prompt.txt"], "cannot read the prompt file", "mose"),
     (["--width=0.5", "--budget=0.5"], "--width and --budget both set the compute", "mose"),
-    (["--policy=confidence", "--budget=0.5", "--data_dir=/nowhere"], "no /nowhere/tiny/val.bin", "mose"),
+    (["--policy=confidence", "--budget=0.5", "--data_dir=/nowhere"], "no /nowhere/tiny/train.bin", "mose"),
     (["--width=0.5"], "dense GPT (n_exp=0)", "dense"),
     (["--budget=0.5"], "dense GPT (n_exp=0)", "dense"),
     (["--out_dir=/nonexistent"], "no checkpoint at /nonexistent/ckpt.pt", "mose"),

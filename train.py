@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from configurator import configure, fail, setup_device
-from model import GPT, GPTConfig, check_width, load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, MoSELayer, RandomWidth, check_tokenizer, check_width, load_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
-# defaults: a small MoSE on character-level Shakespeare
+# defaults: a small MoSE on character-level Shakespeare. config/train_shakespeare_mose.py is the tuned main job
+# and differs on purpose: experts of 2 * n_embd (so the dense baseline matches its FLOPs), learning_rate 2e-3,
+# the single-pass random_pair recipe and a compute budget (max_train_flops) instead of max_iters
 # I/O
 out_dir = "out"
 eval_interval = 250
@@ -42,6 +44,8 @@ wandb_run_name = "run"
 # data
 data_dir = "data"               # prepare_data.py writes <data_dir>/<dataset>/{train,val}.bin
 dataset = "shakespeare_char"
+holdout_tokens = 0              # > 0: the last holdout_tokens of train.bin are never trained on; evaluation
+                                # reports them as the 'holdout' split (choose recipes on it, not on val)
 gradient_accumulation_steps = 1
 batch_size = 32
 block_size = 128
@@ -60,7 +64,9 @@ aux_loss_weight = 0.01
 z_loss_weight = 0.001
 hr_loss_weight = 0.0            # Elastic MoE hierarchical router loss
 # MoSE multi-width training
-width_sampling = "max_random"   # 'max_random' | 'sandwich' | 'fixed' | 'none' (a plain MoE run)
+width_sampling = "max_random"   # 'max_random' | 'sandwich' | 'fixed' | 'random_step' | 'random_pair' | 'none'
+                                # (see sample_widths below; 'none' is a plain MoE run)
+p_full = 0.5                    # random_step / random_pair: probability of the full width (else a random width)
 w_min = 0.25                    # narrowest width trained
 n_random_widths = 1             # random widths per step (sandwich: besides the widest and the narrowest)
 width_grid = 0.0                # > 0: random widths snapped to this grid (e.g. 0.05); 0: continuous
@@ -70,9 +76,14 @@ distill_weight = 0.0            # in-place distillation of narrower widths from 
 width_data = "same"             # 'same': every width trains on the step's batch (slimmable networks, the
                                 # MoSE paper); 'fresh': each width draws its own batch (more text per step)
 # elastic top-k
-k_sampling = "none"             # 'none' | 'layer' (Matryoshka MoE: each MoE layer k ~ U[k_min, k_max]) | 'step'
+k_sampling = "none"             # 'none' | Matryoshka MoE's variants: 'layer' (each MoE layer k ~ U[k_min, k_max]),
+                                # 'capacity' (each layer, P(k) ∝ k^(1/k_tau)), 'step' (one k for all layers),
+                                # 'micro' (one per micro-batch), 'top_p' (per token, see top_p); see sample_k
 k_min = 1
 k_max = 0                       # 0 = k_exp
+k_tau = 2.0                     # capacity: P(k) ∝ exp(log(k) / k_tau); the paper's 2 gives P ∝ sqrt(k)
+top_p = 0.5                     # top_p: each token takes experts by probability until their mass reaches
+                                # top_p, at least 1 and at most k_max (the paper: 0.1 of 96 experts)
 k_pool = 0                      # Elastic MoE co-activation sampling from the top-k_pool; 0 = off
 # evaluation dials
 eval_widths = (1.0, 0.75, 0.5, 0.25)
@@ -80,6 +91,8 @@ eval_k = ()                     # k_exp values to evaluate besides the training 
 # AdamW and schedule
 learning_rate = 1e-3
 max_iters = 1000
+max_train_flops = 0.0           # > 0: train for this many FLOPs (forward + backward, all passes) instead of
+                                # max_iters; the LR schedule then runs on spent compute (see schedule_clock)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.99                    # 0.99 rather than 0.95: few tokens per step
@@ -98,14 +111,26 @@ config = configure(globals())
 # -----------------------------------------------------------------------------
 
 # checks that fail early with one line, rather than deep inside a run
-if width_sampling not in ("max_random", "sandwich", "fixed", "none"):
-    fail(f"width_sampling must be max_random, sandwich, fixed or none, got '{width_sampling}'")
+WIDTH_SAMPLING = ("max_random", "sandwich", "fixed", "random_step", "random_pair", "none")
+if width_sampling not in WIDTH_SAMPLING:
+    fail(f"width_sampling must be one of {', '.join(WIDTH_SAMPLING)}, got '{width_sampling}'")
+if not 0.0 <= p_full <= 1.0:
+    fail(f"p_full is a probability in [0, 1], got {p_full}")
+if max_train_flops < 0 or holdout_tokens < 0:
+    fail("max_train_flops and holdout_tokens must be >= 0 (0 = off)")
 if width_data not in ("same", "fresh"):
     fail(f"width_data must be same or fresh, got '{width_data}'")
 if width_data == "fresh" and distill_weight > 0:
     fail("in-place distillation needs every width on the same batch: use width_data='same'")
-if k_sampling not in ("none", "layer", "step"):
-    fail(f"k_sampling must be none, layer or step, got '{k_sampling}'")
+K_SAMPLING = ("none", "layer", "capacity", "step", "micro", "top_p")
+if k_sampling not in K_SAMPLING:
+    fail(f"k_sampling must be one of {', '.join(K_SAMPLING)}, got '{k_sampling}'")
+if not k_tau > 0:
+    fail(f"k_tau (the temperature of k_sampling='capacity') must be > 0, got {k_tau}")
+if not 0 < top_p <= 1:
+    fail(f"top_p (the probability mass of k_sampling='top_p') must be in (0, 1], got {top_p}")
+if k_sampling == "top_p" and (k_min != 1 or k_pool):
+    fail("k_sampling='top_p' gives each token 1 to k_max experts by probability: leave k_min at 1 and k_pool at 0")
 if width_sampling == "fixed" and not fixed_widths:
     fail("width_sampling='fixed' trains the widths in fixed_widths: give at least one, e.g. --fixed_widths=1.0,0.5")
 if min(eval_interval, log_interval, eval_iters, batch_size, block_size, gradient_accumulation_steps) < 1 or max_iters < 0:
@@ -142,6 +167,18 @@ if ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     init_process_group(backend=("nccl" if device.startswith("cuda") else "gloo") if backend == "auto" else backend)
     ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+    def lost_a_rank(kind, error, tb, default=sys.excepthook):
+        """When a rank dies, the others fail in their next collective: one line saying so rather than a
+        traceback from inside the backend. The rank that died prints its own error (torchrun: 'Root Cause')."""
+        if not (isinstance(error, torch.distributed.DistError) or
+                (isinstance(error, RuntimeError) and any(s in str(error) for s in ("gloo", "NCCL", "Connection")))):
+            return default(kind, error, tb)
+        why = str(error).splitlines()[0]
+        why = why.split("] ", 1)[-1] if why.startswith("[") else why   # drop the backend's source location
+        print(f"train.py: rank {ddp_rank} stopped: another rank left the job ({why.split('. ')[0][:120]}); "
+              f"its own error, printed by that rank, says why", file=sys.stderr)
+    sys.excepthook = lost_a_rank
     if device.startswith("cuda"):
         device = f"cuda:{ddp_local_rank}"
         torch.cuda.set_device(device)
@@ -170,19 +207,31 @@ for split in ("train", "val"):
     path = os.path.join(split_dir, f"{split}.bin")
     if not os.path.exists(path):
         fail(f"no {path}: run `python prepare_data.py {dataset}` first (or set --data_dir)")
-    if os.path.getsize(path) // 2 <= block_size:   # uint16: 2 bytes a token
+    if os.path.getsize(path) // 2 - (holdout_tokens if split == "train" else 0) <= block_size:   # 2 bytes a token
         fail(f"{path} has {os.path.getsize(path) // 2} tokens, too few for one window of block_size {block_size} "
-             f"+ 1: use more text or a smaller --block_size")
+             f"+ 1" + (f" after holding out {holdout_tokens}" if split == "train" and holdout_tokens else "")
+             + ": use more text or a smaller --block_size")
+if 0 < holdout_tokens <= block_size:
+    fail(f"holdout_tokens ({holdout_tokens}) must exceed block_size ({block_size}) to hold one window, or be 0")
 meta_path = os.path.join(split_dir, "meta.pkl")
-meta = pickle.load(open(meta_path, "rb")) if os.path.exists(meta_path) else {"tokenizer": "gpt2", "vocab_size": 50257}
+try:
+    meta = pickle.load(open(meta_path, "rb")) if os.path.exists(meta_path) else {"tokenizer": "gpt2", "vocab_size": 50257}
+    meta["tokenizer"], meta["vocab_size"]
+except Exception as e:   # a truncated or foreign file: prepare_data.py writes it again
+    fail(f"{meta_path} is not a meta.pkl of prepare_data.py ({type(e).__name__}): run `python prepare_data.py "
+         f"{dataset}` again")
 gptconf.vocab_size = meta["vocab_size"] if meta["tokenizer"] == "char" else 50304   # 50257 padded to 64s
 data_gen = torch.Generator().manual_seed(seed)
 width_gen = torch.Generator().manual_seed(seed + 1)     # widths and k: identical on every rank
 
 
 def load_split(split):
-    # a fresh memmap per call: a long-lived one grows memory (numpy keeps pages it touched)
-    return np.memmap(os.path.join(split_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+    """'train' (less its held-out tail), 'holdout' (that tail) or 'val', as a uint16 memmap.
+    A fresh memmap per call: a long-lived one grows memory (numpy keeps pages it touched)."""
+    data = np.memmap(os.path.join(split_dir, f"{'val' if split == 'val' else 'train'}.bin"), dtype=np.uint16, mode="r")
+    if split == "val" or not holdout_tokens:
+        return data
+    return data[:-holdout_tokens] if split == "train" else data[-holdout_tokens:]
 
 
 def to_device(ix, data):
@@ -215,17 +264,22 @@ def require_same(saved, keys, why, where):
                              f"(set --{key}={getattr(saved, key)})")
 
 
-iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+# training compute spent so far: FLOPs (forward + backward of every pass, all ranks) and tokens trained on
+iter_num, best_val_loss, train_flops, train_tokens, checkpoint = 0, float("inf"), 0.0, 0, None
+log_bytes = 0   # how much of log.jsonl belongs to the run being continued (a resume reads it from the checkpoint)
 try:
     if init_from == "scratch":
         model = GPT(gptconf)
     elif init_from == "resume":
         saved, checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
         # the architecture must match; dropout and the router-loss weights are this run's to choose
+        check_tokenizer(checkpoint.get("meta") or meta, split_dir)   # the same ids must mean the same text
         require_same(saved.config, ARCHITECTURE, "resume keeps the architecture", "the checkpoint")
         model = GPT(gptconf)
         model.load_state_dict(saved.state_dict())
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        train_flops, train_tokens = checkpoint.get("train_flops", 0.0), checkpoint.get("train_tokens", 0)
+        log_bytes = checkpoint.get("log_bytes")   # None: a checkpoint from before logs were truncated
     elif init_from.startswith("upcycle:"):
         model = None   # built below, once the helpers are defined
     else:
@@ -240,7 +294,7 @@ def hidden_unit_importance(model, batches):
     mean |activation| over the tokens routed to the expert times the norm of the unit's output weights."""
     inputs, hooks = {}, []
     for block in model.transformer.h:
-        if hasattr(block.mlp, "experts"):
+        if isinstance(block.mlp, MoSELayer):
             hooks.append(block.mlp.register_forward_pre_hook(
                 lambda mod, args: inputs.setdefault(mod, []).append(args[0].reshape(-1, args[0].size(-1)))))
     for x, _ in batches:
@@ -267,7 +321,8 @@ def upcycle(source_dir):
     norms are copied; a dense MLP is copied into every expert (sparse upcycling), an MoE layer's router and
     experts are kept. Then each expert's hidden units are reordered by importance so the narrow prefixes
     start from the most useful units."""
-    source, _ = load_checkpoint(os.path.join(source_dir, "ckpt.pt"))
+    source, source_checkpoint = load_checkpoint(os.path.join(source_dir, "ckpt.pt"))
+    check_tokenizer(source_checkpoint.get("meta") or meta, split_dir)
     require_same(source.config, ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size"),
                  "upcycling keeps the architecture", source_dir)
     target = GPT(gptconf)
@@ -275,11 +330,11 @@ def upcycle(source_dir):
                                      strict=False).missing_keys
     assert all(".mlp." in k for k in missing), missing
     for src, dst in zip(source.transformer.h, target.transformer.h):
-        if not hasattr(dst.mlp, "experts"):
-            if hasattr(src.mlp, "experts"):
+        if not isinstance(dst.mlp, MoSELayer):
+            if isinstance(src.mlp, MoSELayer):
                 raise ValueError("upcycling cannot turn an MoE layer back into a dense one: match moe_stride")
             dst.mlp.load_state_dict(src.mlp.state_dict())
-        elif hasattr(src.mlp, "experts"):
+        elif isinstance(src.mlp, MoSELayer):
             require_same(source.config, ("n_exp", "expert_hidden"), "upcycling keeps an MoE layer's experts",
                          source_dir)
             dst.mlp.load_state_dict(src.mlp.state_dict())
@@ -306,9 +361,27 @@ if model is None:
         fail(str(e))
     print(f"upcycled from {init_from.split(':', 1)[1]}" + (" with hidden units reordered" if upcycle_reorder else ""))
 model.to(device)
+# The schedule's clock. With max_iters it counts steps. With a compute budget (max_train_flops) it counts the
+# FLOPs spent in units of one plain-MoE step (full width, training k, one pass): warmup_iters and the cosine
+# then cover the same compute whatever a step of this recipe costs, so "a MoE at MoSE's compute" is one flag.
+flops_per_moe_step = 3 * model.flops_per_token() * tokens_per_iter   # forward + backward (2x forward)
+if max_train_flops:
+    max_iters = lr_decay_iters = max_train_flops / flops_per_moe_step
+
+
+def schedule_clock():
+    return train_flops / flops_per_moe_step if max_train_flops else iter_num
+
+
+def finished():
+    # a hair of tolerance: a plain MoE's FLOPs are summed step by step and must end exactly at its budget
+    return train_flops >= max_train_flops * (1 - 1e-9) if max_train_flops else iter_num >= max_iters
+
+
 if master_process:
     print(f"parameters: {model.get_num_params() / 1e6:.2f}M, forward FLOPs/token at full width: "
-          f"{model.flops_per_token() / 1e6:.2f}M")
+          f"{model.flops_per_token() / 1e6:.2f}M" + (f"; training budget {max_train_flops:.3e} FLOPs = "
+          f"{max_iters:.1f} plain-MoE steps (max_iters is not used)" if max_train_flops else ""))
 # GradScaler only for float16 on cuda: bf16 has fp32's range, and fp32 needs no scaling
 scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16" and device_type == "cuda"))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
@@ -340,10 +413,15 @@ def random_width():
 
 
 def sample_widths():
-    """The widths trained this step; the widest comes first (it is the distillation teacher)."""
+    """The widths trained this step, one forward/backward pass each; the widest comes first (it is the
+    distillation teacher). A pass's width is a float, a list (one per MoE layer) or a WidthPolicy."""
     rand = lambda: [random_width() for _ in range(gptconf.n_moe_layers)] if width_per_layer else random_width()
     if width_sampling == "none":
         return [1.0]
+    if width_sampling == "random_step":  # one pass: the full width with probability p_full, else a random one
+        return [1.0 if torch.rand((), generator=width_gen).item() < p_full else rand()]
+    if width_sampling == "random_pair":  # one pass: every (token, expert) pair draws its own width
+        return [RandomWidth(p_full, w_min, width_grid, width_gen)]
     if width_sampling == "max_random":   # the MoSE paper: the full width plus a random one
         return [1.0] + [rand() for _ in range(n_random_widths)]
     if width_sampling == "sandwich":     # slimmable networks: the widest, the narrowest, random ones between
@@ -352,14 +430,33 @@ def sample_widths():
 
 
 def sample_k():
-    """Experts per token for each MoE layer this step (Matryoshka MoE), or None for the training k."""
+    """Experts per token this step (Matryoshka MoE), as forward's k_exp: one per MoE layer (layer, capacity),
+    one for all layers (step), None for the training k, or the most a token may take (top_p). 'micro' draws
+    one for each micro-batch of the step, all ranks' (as get_step_batches draws the data): k_of() picks."""
     draw = lambda: int(torch.randint(k_min, k_max + 1, (), generator=width_gen))
     if k_sampling == "layer":
         return [draw() for _ in range(gptconf.n_moe_layers)]
+    if k_sampling == "capacity":   # P(k) ∝ exp(log(k) / tau) = k^(1/tau): the larger k, the more often
+        p = torch.arange(k_min, k_max + 1, dtype=torch.float64) ** (1 / k_tau)
+        return (k_min + torch.multinomial(p, gptconf.n_moe_layers, replacement=True, generator=width_gen)).tolist()
+    if k_sampling == "micro":
+        return [draw() for _ in range(gradient_accumulation_steps * ddp_world_size)]
+    if k_sampling == "top_p":      # the router picks each token's k; k_max caps it
+        return k_max
     return draw() if k_sampling == "step" else None
 
 
+def k_of(ks, micro_step):
+    """The k_exp of this rank's micro-batch number micro_step, from sample_k's draw for the step."""
+    return ks[micro_step * ddp_world_size + ddp_rank] if k_sampling == "micro" else ks
+
+
+route_top_p = top_p if k_sampling == "top_p" else None   # forward's top_p: routing by probability mass
+
+
 def get_lr(it):
+    """Linear warmup, then cosine decay to min_lr; `it` is the schedule clock (steps, or spent compute in
+    full-width steps when max_train_flops is set: a float)."""
     if not decay_lr:
         return learning_rate
     if it < warmup_iters:   # linear warmup, non-zero at step 0
@@ -380,7 +477,8 @@ def evaluate():
     The batches come from a fixed generator, so every dial and every evaluation sees the same text."""
     raw_model.eval()
     results = {}
-    for split, dials in (("train", [(1.0, None)]), ("val", eval_dials)):
+    splits = (("train", [(1.0, None)]), ("val", eval_dials)) + ((("holdout", eval_dials),) if holdout_tokens else ())
+    for split, dials in splits:
         gen, data = torch.Generator().manual_seed(seed + 2), load_split(split)
         batches = [torch.randint(len(data) - block_size, (batch_size,), generator=gen) for _ in range(eval_iters)]
         for w, k in dials:
@@ -399,13 +497,20 @@ def dial_name(w, k):
 
 
 def save(iter_num, best_val_loss):
-    save_checkpoint({
-        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-        "model_args": asdict(gptconf), "iter_num": iter_num, "best_val_loss": best_val_loss,
-        "config": config, "meta": meta,   # the tokenizer travels with the weights
-        "rng": {"data": data_gen.get_state(), "width": width_gen.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None},
-    }, os.path.join(out_dir, "ckpt.pt"))
+    path = os.path.join(out_dir, "ckpt.pt")
+    try:
+        save_checkpoint({
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "model_args": asdict(gptconf), "iter_num": iter_num, "best_val_loss": best_val_loss,
+            "train_flops": train_flops, "train_tokens": train_tokens, "log_bytes": log_bytes,
+            "config": config, "meta": meta,   # the tokenizer travels with the weights
+            "rng": {"data": data_gen.get_state(), "width": width_gen.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None},
+        }, path)
+    except OSError as e:   # a full disk, a quota, a lost mount: save_checkpoint has left the old file alone
+        last = f"the last good checkpoint, {path}, is intact" if os.path.exists(path) else "no checkpoint was saved"
+        fail(f"could not write the checkpoint of iter {iter_num} ({e.strerror or e}); {last}: free space in "
+             f"{out_dir} and continue with --init_from=resume")
 
 
 # peak dense bf16/fp16 tensor FLOP/s by GPU name, for MFU; elsewhere MFU is not printed
@@ -419,7 +524,12 @@ if device_type == "cuda":
 if wandb_log and master_process:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if master_process else None
+# log.jsonl continues from the checkpoint: what a killed run logged after it (and a line torn by the kill) is
+# cut off, since the resumed run logs those steps again. A run from scratch or upcycled starts a new log.
+log_path = os.path.join(out_dir, "log.jsonl")
+if master_process and log_bytes is not None and os.path.exists(log_path) and os.path.getsize(log_path) > log_bytes:
+    os.truncate(log_path, log_bytes)
+log_file = open(log_path, "a") if master_process else None
 
 
 def log(row):
@@ -430,27 +540,64 @@ def log(row):
         wandb.log(row)
 
 
+def stop_non_finite(widths, ks, batches, loss, grad_norm):
+    """Fail with one line naming the step, its dials and the first module (in the order modules finish)
+    whose output holds a non-finite value while its inputs do not: where the inf or NaN is born, even when
+    it is born outside any submodule's call (a Dropout after it would otherwise be blamed). Found by running
+    the step's forward passes again with hooks."""
+    first = []
+    finite = lambda ts: all(torch.isfinite(t).all() for t in (ts if isinstance(ts, (tuple, list)) else (ts,))
+                            if torch.is_tensor(t) and t.is_floating_point())
+
+    def check(module, args, output):
+        if not first and finite(args) and not finite(output):
+            first.append(module)
+    hooks = [m.register_forward_hook(check) for m in raw_model.modules()]
+    with torch.no_grad(), ctx:
+        for i, width in enumerate(widths):
+            for micro_step, (X, Y) in enumerate(batches[i]):
+                if not first:
+                    raw_model(X, Y, width=width if n_exp else None, k_exp=k_of(ks, micro_step),
+                              k_pool=k_pool or None, top_p=route_top_p)
+                    at_width = width
+    for h in hooks:
+        h.remove()
+    names = {m: name or "GPT" for name, m in raw_model.named_modules()}
+    rounded = lambda v: [rounded(x) for x in v] if isinstance(v, (list, tuple)) else \
+        round(v, 4) if isinstance(v, float) else v   # a width is a float, a list or a policy
+    where = (f"first non-finite output (from finite inputs) in {names[first[0]]} ({type(first[0]).__name__}) at "
+             f"width {rounded(at_width)}"
+             if first else f"every forward output is finite, the gradients are not (grad norm {grad_norm})")
+    path = os.path.join(out_dir, "ckpt.pt")
+    kept = f"{path} (the last good checkpoint) is untouched" if os.path.exists(path) else "no checkpoint was saved"
+    fail(f"non-finite training step {iter_num + 1} (loss {loss}, grad norm {grad_norm}), widths {rounded(widths)}, k "
+         f"{ks if ks is not None else k_exp}: {where}; stopped before the update, {kept}. Lower --learning_rate, "
+         f"raise --warmup_iters or use --dtype=float32")
+
+
 # -----------------------------------------------------------------------------
 # the training loop
 t0, flops_done, tokens_done, iters_done = time.time(), 0.0, 0, 0   # since the last log line
 while True:
-    lr = get_lr(iter_num)
+    lr = get_lr(schedule_clock())
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    if (iter_num % eval_interval == 0 or iter_num >= max_iters) and master_process:
+    if (iter_num % eval_interval == 0 or finished()) and master_process:
         results = evaluate()
         val = results[("val", 1.0, None)]
         print(f"step {iter_num}: train {results[('train', 1.0, None)]:.4f}, val "
               + ", ".join(f"{dial_name(w, k)} {results[('val', w, k)]:.4f}" for w, k in eval_dials))
-        log({"iter": iter_num, "lr": lr, **{f"{s}/{dial_name(w, k)}": v for (s, w, k), v in results.items()}})
+        log_bytes = log_file.tell() if log_file else 0   # a resume from this iter logs this evaluation again
+        log({"iter": iter_num, "lr": lr, "train_flops": train_flops, "train_tokens": train_tokens,
+             **{f"{s}/{dial_name(w, k)}": v for (s, w, k), v in results.items()}})
         improved = val < best_val_loss
         best_val_loss = min(best_val_loss, val)
         if iter_num > 0 and (improved or always_save_checkpoint):
             print(f"saving checkpoint to {out_dir}")
             save(iter_num, best_val_loss)
         t0, flops_done, tokens_done, iters_done = time.time(), 0.0, 0, 0   # evaluation is not training time
-    if iter_num >= max_iters or eval_only:
+    if finished() or eval_only:
         break
 
     # one optimizer step: every micro-batch at every sampled width, gradients summed
@@ -458,6 +605,7 @@ while True:
     batches = get_step_batches()
     batches = [batches] + [get_step_batches() if width_data == "fresh" else batches for _ in widths[1:]]
     full_loss = torch.zeros((), device=device)
+    step_flops = 0.0   # this rank's training FLOPs in this step
     for micro_step in range(gradient_accumulation_steps):
         teacher = None
         for i, width in enumerate(widths):
@@ -465,7 +613,8 @@ while True:
             if ddp:   # sync gradients only on the very last backward of the step (flat, instead of no_sync())
                 model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1 and i == len(widths) - 1
             with ctx:
-                out = model(X, Y, width=width if n_exp else None, k_exp=ks, k_pool=k_pool or None)
+                out = model(X, Y, width=width if n_exp else None, k_exp=k_of(ks, micro_step), k_pool=k_pool or None,
+                            top_p=route_top_p)
                 loss = out.loss + out.router_loss
                 if teacher is not None:   # in-place distillation: learn the widest width's predictions too
                     kd = -(F.softmax(teacher, -1) * F.log_softmax(out.logits.float(), -1)).sum(-1).mean()
@@ -473,14 +622,27 @@ while True:
             if i == 0:
                 full_loss += out.loss.detach() / gradient_accumulation_steps
                 teacher = out.logits.detach().float() if distill_weight > 0 else None
-            flops_done += 3 * out.stats["flops_per_token"].item() * X.numel()   # forward + backward
+            # what this pass really spent (a narrow or per-pair width spends less), forward + backward
+            step_flops += 3 * out.stats["flops_per_token"].item() * X.numel()
             scaler.scale(loss / gradient_accumulation_steps).backward()
+    grad_norm = torch.zeros((), device=device)
     if grad_clip:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    # a non-finite loss or gradient stops the run before the update, so the weights, and every checkpoint,
+    # stay good. One sync per step; under float16 the GradScaler skips steps with inf gradients by design.
+    if not torch.isfinite(full_loss + (0 if scaler.is_enabled() else grad_norm)).item():
+        stop_non_finite(widths, ks, batches, full_loss.item(), grad_norm.item() if grad_clip else "not computed")
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if ddp:   # every rank must agree on the spent compute: the budget decides when all of them stop
+        summed = torch.tensor(step_flops, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(summed)
+        step_flops = summed.item()
+    train_flops += step_flops
+    train_tokens += tokens_per_iter * (len(widths) if width_data == "fresh" else 1)
+    flops_done += step_flops
     tokens_done += tokens_per_iter * (len(widths) if width_data == "fresh" else 1)
     iters_done += 1
     iter_num += 1
@@ -491,16 +653,23 @@ while True:
             fail(f"loss is {lossf} at iter {iter_num}: lower learning_rate, or use dtype=bfloat16/float32 "
                  f"(the last good checkpoint is in {out_dir})")
         dt = time.time() - t0
-        flops_rate = flops_done * ddp_world_size / dt
+        flops_rate = flops_done / dt   # all ranks
         mfu = f", mfu {100 * flops_rate / ddp_world_size / peak_flops:.1f}%" if peak_flops else ""
         print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {1000 * dt / iters_done:.0f} ms/iter, "
               f"{tokens_done / dt:,.0f} tok/s, {flops_rate / 1e12:.3f} TFLOP/s{mfu}")
         load = [[round(f, 4) for f in layer.tolist()] for layer in out.stats["load"]]   # last pass, per MoE layer
-        log({"iter": iter_num, "loss": lossf, "lr": lr, "widths": widths, "k": ks, "expert_load": load})
+        log({"iter": iter_num, "loss": lossf, "lr": lr, "train_flops": train_flops, "train_tokens": train_tokens,
+             "widths": [repr(w) if isinstance(w, RandomWidth) else w for w in widths], "k": ks, "expert_load": load,
+             **({"experts_per_token": out.stats["experts_per_token"]} if route_top_p else {})})   # last pass
         t0, flops_done, tokens_done, iters_done = time.time(), 0.0, 0, 0
 
 if master_process and iter_num > 0:
-    print("\nfinal validation loss (cross-entropy, no router losses):")
+    print(f"\ntrained {iter_num} steps on {train_tokens:,} tokens with {train_flops:.4e} FLOPs "
+          f"({train_flops / flops_per_moe_step:.1f} plain-MoE steps of compute)")
+    if holdout_tokens:
+        print("held-out training text: " + ", ".join(f"{dial_name(w, k)} {results[('holdout', w, k)]:.4f}"
+                                                    for w, k in eval_dials))
+    print("final validation loss (cross-entropy, no router losses):")
     print(f"{'dial':>12} {'val loss':>9} {'FLOPs/token':>12}")
     for w, k in eval_dials:
         print(f"{dial_name(w, k):>12} {results[('val', w, k)]:9.4f} "

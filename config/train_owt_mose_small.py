@@ -1,5 +1,6 @@
-# MoSE "GPT2-Small" on OpenWebText: 6 layers / 6 heads / 384 wide, 8 experts, top-2, an MoE layer in every other
-# block (nanoMoE's layout; 55.1M parameters with a 50304 vocabulary). Meant for GPUs:
+# MoSE "GPT2-Small" on OpenWebText (the MoSE paper's size names, not GPT-2's: this one is 6 layers / 6 heads /
+# 384 wide, nanoMoE's model), 8 experts, top-2, an MoE layer in every other block (55.1M parameters with a 50304
+# vocabulary). Meant for GPUs:
 # python prepare_data.py openwebtext
 # torchrun --standalone --nproc_per_node=4 train.py config/train_owt_mose_small.py
 out_dir = 'out-owt-mose-small'
@@ -27,12 +28,21 @@ n_exp = 8
 k_exp = 2
 moe_stride = 2
 expert_hidden = 1536             # 4 * n_embd: each expert is a GPT-2 MLP
-width_multiple = 64              # hidden sizes in multiples of 64 keep the matmuls tensor-core shaped
+width_multiple = 16              # the 0.05 grid below is the paper's, and 0.05 x 1536 = 76.8 hidden units fits
+                                 # no multiple: 16 keeps each grid width within 6.4 units (0.42 %) of w x 1536,
+                                 # every grid step a distinct size, and the matmuls tensor-core aligned (bf16 tiles
+                                 # are 16 wide). 64 would move widths by up to 25.6 units (1.7 %); with 64 use
+                                 # width_grid = 1/24, which it honours exactly
 aux_loss_weight = 0.01
 z_loss_weight = 0.001
 
-# MoSE: full width plus one random width per step, widths on the 0.05 grid the paper uses at inference
+# MoSE: the paper's recipe as a secondary source describes it, the full width plus one random width per step,
+# both on the step's batch, widths on the 0.05 grid the paper uses at inference. On Shakespeare, at equal
+# training compute, this recipe lost to the plain MoE and the single-pass 'random_pair' recipe did better
+# (README, "does MoSE pay?"); at this scale neither has been run yet. To try it:
+#   --width_sampling=random_pair --p_full=0.25 --width_grid=0.25
 width_sampling = 'max_random'
+width_data = 'same'
 w_min = 0.25
 width_grid = 0.05
 eval_widths = (1.0, 0.75, 0.5, 0.25)

@@ -1,0 +1,253 @@
+"""
+Does the clock follow the FLOPs? Times the compute dial side by side and prints time ratios next to FLOPs
+ratios (medians of `repeats`, with the spread), all on random weights (speed does not depend on training):
+
+  layer     one MoSELayer at the OpenWebText-small sizes, forward and forward+backward, uniform widths and
+            the confidence policy with Gamma fitted to each budget; also the bucket loop (dispatch_loop)
+  model     the whole OpenWebText-small model's forward, time ratio vs flops_breakdown's ratio
+  train     a MoSE training step (full width + one narrower width, as width_sampling='max_random') and a
+            uniform-width step against a plain MoE step (full width)
+  decode    tokens/s of generate() with the KV cache, batch 1, at width 1 and 0.5, Shakespeare and OWT-small
+
+Operating points run round-robin (every point once per repeat) so a load that comes and goes hits all alike.
+On a shared machine use --clock=cpu (this process's CPU time; with one thread that is the work done).
+
+    python bench_speed.py                                  # everything, prints tables
+    python bench_speed.py --parts=layer --json=speed.json   # one part, rows to a JSON file
+"""
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from configurator import configure, fail, setup_device
+from model import GPT, ConfidenceWidth, GPTConfig, MoSELayer
+
+# -----------------------------------------------------------------------------
+parts = ("layer", "model", "train", "decode")
+repeats = 5
+clock = "wall"                  # 'wall' (perf_counter) or 'cpu' (process_time: robust to other processes)
+# the OpenWebText-small sizes (config/train_owt_mose_small.py)
+n_layer, n_head, n_embd, n_exp, k_exp, moe_stride = 6, 6, 384, 8, 2, 2
+expert_hidden, width_multiple, vocab_size, block_size = 1536, 64, 50304, 1024
+layer_tokens = 4096             # tokens through one MoSELayer
+model_batch, model_seq = 2, 1024    # whole-model forward
+train_batch, train_seq = 1, 1024    # training step
+uniform_widths = (1.0, 0.75, 0.5, 0.3, 0.25)
+gammas = (1.0, 4.0)             # confidence policy, Gamma fitted to each budget
+budgets = (0.75, 0.5, 0.3)      # fractions of full-width expert FLOPs
+mose_width = 0.5                # the narrower width of the MoSE training step
+router_std = 1.0                # router logits' std on unit inputs: random weights at 0.02 give near-uniform
+                                # gates, so the confidence policy would hand every expert the same width
+decode_tokens = 100
+json_path = ""                  # --json=rows.json
+device = "cpu"
+dtype = "float32"
+seed = 1337
+# -----------------------------------------------------------------------------
+sys.argv = [a.replace("--json=", "--json_path=", 1) for a in sys.argv]   # 'json' would shadow the module
+config = configure(globals())
+parts = tuple(p for s in parts for p in s.split(","))   # --parts=layer,model arrives as one string
+if clock not in ("wall", "cpu"):
+    fail(f"clock must be 'wall' or 'cpu', got '{clock}'")
+unknown = set(parts) - {"layer", "model", "train", "decode"}
+if unknown:
+    fail(f"parts must be among layer, model, train, decode; got {', '.join(sorted(unknown))}")
+if max(model_seq, train_seq) > block_size:
+    fail(f"model_seq and train_seq must be at most block_size ({block_size}); got {model_seq}, {train_seq}")
+device, device_type, ptdtype, ctx = setup_device(device, dtype)
+torch.manual_seed(seed)
+now = time.perf_counter if clock == "wall" else time.process_time
+sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+rows = []
+print(f"torch {torch.__version__}, {device}, {dtype}, {torch.get_num_threads()} threads, clock={clock}, "
+      f"medians of {repeats}")
+
+
+def owt_config(**kw):
+    args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_exp=n_exp, k_exp=k_exp, moe_stride=moe_stride,
+                expert_hidden=expert_hidden, width_multiple=width_multiple, vocab_size=vocab_size,
+                block_size=block_size)
+    args.update(kw)
+    return GPTConfig(**args)
+
+
+def sharpen_routers(module):
+    for m in module.modules():
+        if hasattr(m, "w_g"):
+            torch.nn.init.normal_(m.w_g.weight, std=router_std / m.w_g.weight.size(1) ** 0.5)
+
+
+def round_robin(points, fn):
+    """fn(point) -> seconds of one run; every point once per repeat after a warm-up. {name: [seconds]}."""
+    times = {name: [] for name in points}
+    for name, p in points.items():
+        fn(p)
+    for _ in range(repeats):
+        for name, p in points.items():
+            times[name].append(fn(p))
+    return times
+
+
+def timed(f):
+    sync()
+    t0 = now()
+    f()
+    sync()
+    return now() - t0
+
+
+def ratio_stats(times, base):
+    """Median time ratio to `base` over the repeats (each repeat's own ratio), and the spread (min..max)."""
+    r = [t / b for t, b in zip(times, base)]
+    return statistics.median(r), min(r), max(r)
+
+
+def report(part, times, base, flops, extra=None):
+    """Print one table: per point, median time, time ratio (spread) and FLOPs ratio; add the rows."""
+    print(f"\n{part}\n{'point':<34} {'median ms':>10} {'time ratio':>11} {'spread':>13} {'FLOPs ratio':>12}")
+    for name, ts in times.items():
+        med, lo, hi = ratio_stats(ts, times[base])
+        print(f"{name:<34} {statistics.median(ts) * 1e3:10.1f} {med:11.3f} {lo:6.3f}..{hi:6.3f} {flops[name]:12.3f}")
+        rows.append(dict(part=part, point=name, median_s=statistics.median(ts), time_ratio=med, spread=[lo, hi],
+                         flops_ratio=flops[name], times_s=ts, **(extra or {})))
+
+
+def fit_gamma_on_layer(layer, x, gamma, budget):
+    """Gamma whose spent expert FLOPs on x are `budget` of full width (bisection in log space, as fit_budget)."""
+    with torch.no_grad():
+        gates = layer.router(x, k_exp).gates
+    frac = lambda G: (layer.experts.h(ConfidenceWidth(gamma, G)(gates, 0)).float().mean() / expert_hidden).item()
+    lo, hi = 1e-3, 64.0
+    for _ in range(40):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if frac(mid) < budget else (lo, mid)
+    return ConfidenceWidth(gamma, hi), frac(hi)
+
+
+# --- one MoE layer ---------------------------------------------------------------------------------------
+if "layer" in parts:
+    layer = MoSELayer(owt_config(), 0).to(device)
+    for p in layer.experts.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    sharpen_routers(layer)
+    x = torch.randn(1, layer_tokens, n_embd, device=device)
+    points, flops = {}, {}
+    for w in uniform_widths:
+        points[f"uniform {w:g}"], flops[f"uniform {w:g}"] = w, layer.experts.h(w) / expert_hidden
+    for g in gammas:
+        for b in budgets:
+            policy, spent = fit_gamma_on_layer(layer, x[0], g, b)
+            name = f"confidence gamma={g:g} budget={b:g}"
+            points[name], flops[name] = policy, spent
+    base = f"uniform {uniform_widths[0]:g}"
+    for loop in (False, True):
+        if loop:
+            layer.dispatch = layer.dispatch_loop   # this instance only: the bucket loop, as before the fast path
+        for backward in (False, True):
+            def run(w):
+                if not backward:
+                    with torch.no_grad(), ctx:
+                        return timed(lambda: layer(x, w, k_exp))
+                xx = x.clone().requires_grad_()
+                def step():
+                    with ctx:
+                        y = layer(xx, w, k_exp)[0]
+                    y.float().square().mean().backward()
+                return timed(step)
+            name = f"layer {'forward+backward' if backward else 'forward'} ({'dispatch_loop' if loop else 'dispatch'})"
+            report(name, round_robin(points, run), base, flops,
+                   dict(tokens=layer_tokens, dispatch="loop" if loop else "grouped", backward=backward))
+        if loop:
+            del layer.dispatch
+    del layer, x
+
+# --- the whole model's forward --------------------------------------------------------------------------
+if "model" in parts or "train" in parts:
+    model = GPT(owt_config()).to(device)
+    sharpen_routers(model)
+    calib = [torch.randint(0, vocab_size, (1, min(256, block_size)), device=device)]   # to fit Gamma on
+
+    def fit_model_gamma(gamma, budget):
+        from model import fit_budget
+        model.eval()
+        return fit_budget(model, ConfidenceWidth(gamma, budget), calib, budget)
+
+if "model" in parts:
+    model.eval()
+    idx = torch.randint(0, vocab_size, (model_batch, model_seq), device=device)
+    points = {f"uniform {w:g}": w for w in uniform_widths}
+    for b in budgets:
+        points[f"confidence gamma={gammas[0]:g} budget={b:g}"] = fit_model_gamma(gammas[0], b)
+    full = model.flops_breakdown(1.0, seq_len=model_seq)["total"]
+    flops = {}
+    with torch.no_grad(), ctx:
+        for name, w in points.items():   # a policy's FLOPs: what its forward spent on this batch
+            out = model(idx, idx, width=w)
+            non_expert = model.flops_breakdown(1.0, seq_len=model_seq)["non_expert"]
+            flops[name] = (non_expert + out.stats["expert_flops"].item()) / full
+
+    def run(w):
+        with torch.no_grad(), ctx:
+            return timed(lambda: model(idx, idx, width=w))
+    report("model forward (OpenWebText-small, random weights)", round_robin(points, run), "uniform 1", flops,
+           dict(tokens=model_batch * model_seq))
+
+# --- a training step -------------------------------------------------------------------------------------
+if "train" in parts:
+    model.train()
+    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
+    idx = torch.randint(0, vocab_size, (train_batch, train_seq), device=device)
+    F = lambda w: model.flops_breakdown(w, seq_len=train_seq)["total"]
+    points = {"plain MoE step (width 1)": (1.0,), f"uniform {mose_width:g} step": (mose_width,),
+              f"MoSE step (width 1 + {mose_width:g})": (1.0, mose_width)}
+    flops = {name: sum(F(w) for w in ws) / F(1.0) for name, ws in points.items()}
+
+    def run(ws):
+        def step():
+            for w in ws:   # losses summed over the widths: one backward each, gradients accumulate
+                with ctx:
+                    out = model(idx, idx, width=w)
+                (out.loss + out.router_loss).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return timed(step)
+    report("training step (OpenWebText-small, AdamW)", round_robin(points, run), "plain MoE step (width 1)", flops,
+           dict(tokens=train_batch * train_seq))
+
+if "model" in parts or "train" in parts:
+    del model
+
+# --- decoding --------------------------------------------------------------------------------------------
+if "decode" in parts:
+    print(f"\ndecoding: generate() with the KV cache, batch 1, {decode_tokens} new tokens")
+    print(f"{'model':<28} {'width':>6} {'tokens/s':>10} {'spread':>17} {'vs width 1':>11}")
+    models = {"shakespeare (0.8M)": GPTConfig(block_size=128, vocab_size=65, n_layer=4, n_head=4, n_embd=128,
+                                              n_exp=8, k_exp=2, expert_hidden=256),
+              "openwebtext-small": owt_config()}
+    for mname, cfg in models.items():
+        model = GPT(cfg).to(device).eval()
+        sharpen_routers(model)
+        prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+        points = {1.0: 1.0, 0.5: 0.5}
+
+        def run(w):
+            with ctx:
+                return timed(lambda: model.generate(prompt, decode_tokens, width=w, top_k=1))
+        times = round_robin(points, run)
+        for w, ts in times.items():
+            tps = [decode_tokens / t for t in ts]
+            med, lo, hi = ratio_stats(times[1.0], ts)   # time at width 1 / time at w = speed-up
+            print(f"{mname:<28} {w:6g} {statistics.median(tps):10.1f} {min(tps):8.1f}..{max(tps):7.1f} {med:11.3f}")
+            rows.append(dict(part="decode", point=f"{mname} width {w:g}", tokens_per_s=statistics.median(tps),
+                             spread=[min(tps), max(tps)], speedup_vs_width_1=med, times_s=ts))
+        del model
+
+if json_path:
+    with open(json_path, "w") as f:
+        json.dump(dict(config=config, torch=torch.__version__, threads=torch.get_num_threads(), rows=rows), f,
+                  indent=1)
+    print(f"\nwrote {json_path}")

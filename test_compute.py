@@ -1,0 +1,171 @@
+"""Tests of training compute (issue: MoSE at equal training compute): the FLOPs train.py counts, a run given
+a compute budget instead of a step count, the single-pass recipes (random_step, random_pair) and the held-out
+training text that recipes are chosen on."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, RandomWidth
+from test_train import TINY, log_rows, train
+
+# TINY's model as train.py builds it on shakespeare_char (65 characters)
+TINY_CONFIG = dict(n_layer=2, n_head=2, n_embd=32, n_exp=4, k_exp=2, expert_hidden=64, block_size=32, vocab_size=65)
+TOKENS_PER_STEP = 4 * 32   # batch_size x block_size
+
+
+def moe_step_flops():
+    """Forward + backward FLOPs of one full-width step of TINY's model, from the model's own FLOPs count."""
+    return 3 * GPT(GPTConfig(**TINY_CONFIG)).flops_per_token() * TOKENS_PER_STEP
+
+
+# --- the RandomWidth training policy ---------------------------------------------------------------------
+
+def test_random_width_samples_full_width_with_p_full_else_the_grid():
+    gates = torch.full((20000, 2), 0.5)
+    w = RandomWidth(p_full=0.5, w_min=0.25, grid=0.25, generator=torch.Generator().manual_seed(0))(gates, 0)
+    assert w.shape == gates.shape
+    assert set(w.unique().tolist()) == {0.25, 0.5, 0.75, 1.0}
+    # P(full) = p_full + (1 - p_full) * P(U[0.25, 1] snaps to 1.0) = 0.5 + 0.5 / 6; the rest: 1/6, 1/3, 1/3
+    assert abs((w == 1.0).float().mean().item() - (0.5 + 0.5 / 6)) < 0.01
+    assert abs((w == 0.25).float().mean().item() - 0.5 / 6) < 0.01
+    assert abs((w == 0.5).float().mean().item() - 0.5 / 3) < 0.01
+    # mean width 0.5 * 1 + 0.5 * 0.625: such a pass spends 0.8125 of the full-width expert FLOPs
+    assert abs(w.mean().item() - 0.8125) < 0.005
+
+
+def test_random_width_is_continuous_without_a_grid_and_reproducible():
+    gates = torch.full((5000, 2), 0.5)
+    a = RandomWidth(0.0, 0.3, 0.0, torch.Generator().manual_seed(3))(gates, 0)
+    b = RandomWidth(0.0, 0.3, 0.0, torch.Generator().manual_seed(3))(gates, 0)
+    assert torch.equal(a, b)                                  # the generator's state is the whole story
+    assert a.min() >= 0.3 and a.max() <= 1.0 and a.unique().numel() > 4000
+    assert RandomWidth(1.0, 0.3, 0.0, torch.Generator())(gates, 0).eq(1.0).all()
+    with pytest.raises(ValueError, match="w_min must be in"):
+        RandomWidth(0.5, 0.0)
+
+
+def test_random_width_forward_spends_what_its_widths_say():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY_CONFIG, moe_stride=1))
+    x = torch.randint(0, 65, (3, 32), generator=torch.Generator().manual_seed(1))
+    policy = RandomWidth(0.5, 0.25, 0.25, torch.Generator().manual_seed(5))
+    out = model(x, x, width=policy)
+    # replay the same draws: both MoE layers, in order, one (N, k) draw each
+    replay = RandomWidth(0.5, 0.25, 0.25, torch.Generator().manual_seed(5))
+    units = sum(64 * replay(torch.zeros(96, 2), i) for i in range(2))            # (N, k) hidden units summed
+    assert math.isclose(out.stats["expert_flops"].item(), (4 * 32 * units.sum(dim=1)).mean().item(), rel_tol=1e-6)
+    assert out.stats["expert_flops"] < model.flops_breakdown()["experts"]
+
+
+# --- train.py: compute counted, compute budgets ----------------------------------------------------------
+
+def test_a_compute_budget_replaces_the_step_count(char_data, tmp_path):
+    step = moe_step_flops()
+    budget = 12 * step
+    train(char_data, tmp_path / "moe", f"--max_train_flops={budget}", "--width_sampling=none", "--eval_interval=100",
+          "--lr_decay_iters=0")
+    rows = [r for r in log_rows(tmp_path / "moe") if "loss" in r]
+    # a plain MoE step costs exactly one clock unit: 12 steps, and the FLOPs counted are 12 steps' worth
+    assert [r["iter"] for r in rows] == list(range(1, 13))
+    assert math.isclose(rows[-1]["train_flops"], budget, rel_tol=1e-9)
+    assert rows[-1]["train_tokens"] == 12 * TOKENS_PER_STEP
+    lrs = [r["lr"] for r in rows]
+    assert lrs[2:] == sorted(lrs[2:], reverse=True) and lrs[-1] < 2e-3   # cosine over the budget, after warmup
+    ckpt = torch.load(tmp_path / "moe" / "ckpt.pt", weights_only=True)
+    assert ckpt["train_flops"] == rows[-1]["train_flops"] and ckpt["train_tokens"] == 12 * TOKENS_PER_STEP
+
+    # MoSE's full + random width costs more per step: the same budget buys fewer steps, and ends within a step
+    train(char_data, tmp_path / "mose", f"--max_train_flops={budget}", "--width_sampling=max_random",
+          "--width_data=fresh", "--eval_interval=100")
+    rows = [r for r in log_rows(tmp_path / "mose") if "loss" in r]
+    assert 6 <= len(rows) < 12
+    assert budget <= rows[-1]["train_flops"] < budget + 2 * step
+    assert rows[-2]["train_flops"] < budget
+    assert rows[-1]["train_tokens"] == 2 * len(rows) * TOKENS_PER_STEP   # 'fresh': each width its own batch
+    per_step = [b["train_flops"] - a["train_flops"] for a, b in zip(rows, rows[1:])]
+    assert all(step < s < 2 * step for s in per_step)                    # full width + a narrower one
+
+
+def test_compute_survives_resume(char_data, tmp_path):
+    common = ["--width_sampling=random_pair", "--width_grid=0.25", "--always_save_checkpoint=True", "--eval_interval=3",
+              "--lr_decay_iters=6"]
+    train(char_data, tmp_path / "a", "--max_iters=6", *common)
+    train(char_data, tmp_path / "b", "--max_iters=3", *common)
+    train(char_data, tmp_path / "b", "--max_iters=6", "--init_from=resume", *common)
+    last = lambda d: [r for r in log_rows(d) if "loss" in r][-1]
+    a, b = last(tmp_path / "a"), last(tmp_path / "b")
+    assert a["iter"] == b["iter"] == 6 and a["train_flops"] == b["train_flops"] and a["loss"] == b["loss"]
+
+
+# --- the single-pass recipes -------------------------------------------------------------------------------
+
+def test_random_pair_trains_one_cheaper_pass_per_step(char_data, tmp_path):
+    train(char_data, tmp_path, "--max_iters=5", "--eval_interval=5", "--width_sampling=random_pair", "--p_full=0.5",
+          "--width_grid=0.25")
+    rows = [r for r in log_rows(tmp_path) if "loss" in r]
+    assert all(r["widths"] == ["RandomWidth(p_full=0.5, w_min=0.25, grid=0.25)"] for r in rows)
+    per_step = [b["train_flops"] - a["train_flops"] for a, b in zip(rows, rows[1:])]
+    step = moe_step_flops()
+    assert all(0.5 * step < s < step for s in per_step)   # about 0.8125 of the experts' FLOPs, rest unchanged
+    assert rows[-1]["train_tokens"] == 5 * TOKENS_PER_STEP
+
+
+@pytest.mark.parametrize("p_full,check", [
+    (1.0, lambda w: w == [1.0]),
+    (0.0, lambda w: len(w) == 1 and 0.25 <= w[0] < 1.0),
+])
+def test_random_step_draws_one_width_per_step(char_data, tmp_path, p_full, check):
+    train(char_data, tmp_path, "--max_iters=4", "--eval_interval=4", "--width_sampling=random_step",
+          f"--p_full={p_full}")
+    rows = [r for r in log_rows(tmp_path) if "widths" in r]
+    assert len(rows) == 4 and all(check(r["widths"]) for r in rows), rows
+
+
+# --- held-out training text --------------------------------------------------------------------------------
+
+def test_holdout_is_evaluated_and_bad_values_are_one_line(char_data, tmp_path):
+    train(char_data, tmp_path, "--max_iters=2", "--eval_interval=2", "--holdout_tokens=5000")
+    evals = [r for r in log_rows(tmp_path) if "val/w=1" in r]
+    assert all("holdout/w=1" in r and "holdout/w=0.5" in r for r in evals)
+    assert evals[-1]["holdout/w=1"] != evals[-1]["val/w=1"]
+    for bad, message in [("--holdout_tokens=32", "holdout_tokens (32) must exceed block_size (32)"),
+                         ("--holdout_tokens=2000000", "after holding out 2000000"),
+                         ("--p_full=1.5", "p_full is a probability in [0, 1]"),
+                         ("--max_train_flops=-1", "max_train_flops and holdout_tokens must be >= 0")]:
+        p = train(char_data, tmp_path / "bad", bad, ok=False)
+        assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert message in p.stderr, p.stderr
+
+
+# --- bench_flops.py: training compute beside the rows, recipes scored on held-out training text -----------
+
+def test_bench_reports_training_flops_and_scores_the_holdout(char_data, tmp_path):
+    import subprocess
+    import sys
+    for name, extra in (("mose", ["--width_sampling=random_pair", "--width_grid=0.25"]),
+                        ("moe", ["--width_sampling=none"])):
+        train(char_data, tmp_path / name, "--max_iters=4", "--eval_interval=4", "--holdout_tokens=3000", *extra)
+    bench = lambda *a: subprocess.run([sys.executable, "bench_flops.py", f"--out_dir={tmp_path / 'mose'}", *a,
+                                       "--quick=True", "--eval_tokens=2048", "--ttt_batches=2"],
+                                      cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+    p = bench(f"--compare={tmp_path / 'moe'}", "--split=holdout", f"--json={tmp_path / 'rows.json'}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "held-out training tokens" in p.stdout
+    ckpts = {n: torch.load(tmp_path / n / "ckpt.pt", weights_only=True) for n in ("mose", "moe")}
+    rows = json.load(open(tmp_path / "rows.json"))
+    assert {r["model"]: r["train_flops"] for r in rows} == {n: c["train_flops"] for n, c in ckpts.items()}
+    assert f"moe: trained 4 steps, 512 tokens, {ckpts['moe']['train_flops']:.4e} FLOPs" in p.stdout
+    # the holdout is other text than val: the same model scores differently on it
+    val = bench("--split=val", f"--json={tmp_path / 'val.json'}")
+    assert val.returncode == 0, val.stderr[-3000:]
+    loss = lambda rs: next(r["val_loss"] for r in rs if r["model"] == "mose" and r["width"] == 1.0 and r["k_exp"] == 2)
+    assert loss(json.load(open(tmp_path / "val.json"))) != loss(rows)
+    # a model trained without a holdout cannot be scored on one
+    train(char_data, tmp_path / "plain", "--max_iters=2", "--eval_interval=2")
+    p = bench(f"--compare={tmp_path / 'plain'}", "--split=holdout")
+    assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "--split=holdout needs every model trained with the same --holdout_tokens" in p.stderr

@@ -1,0 +1,143 @@
+"""Tests of the fast dispatch (MoSELayer.dispatch: one grouped matmul pair per width) against the bucket loop
+(MoSELayer.dispatch_loop) and the masked reference (SlimmableExperts.forward_reference), forward and gradients.
+No timing here: bench_speed.py measures the speed. Run: python -m pytest -q test_dispatch.py"""
+
+import pytest
+import torch
+
+import model as model_module
+from model import ConfidenceWidth, GPTConfig, MoSELayer, prefix_mask
+
+
+def layer_for(bias=False, n_exp=4, width_multiple=1, n_embd=32, expert_hidden=64):
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=n_embd, n_exp=n_exp, k_exp=1, expert_hidden=expert_hidden,
+                    width_multiple=width_multiple, bias=bias)
+    layer = MoSELayer(cfg, 0)
+    with torch.no_grad():   # non-zero weights and biases, so every gradient is compared
+        for p in layer.experts.parameters():
+            p.normal_(0, 0.1)
+    return layer
+
+
+def routing(N, k, n_exp, only=None, seed=1):
+    """k distinct experts per token (from `only`, a subset, if given) and gates summing to 1."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(N, n_exp, generator=g)
+    if only is not None:
+        scores[:, [e for e in range(n_exp) if e not in only]] = -1.0   # those experts get no token
+    expert_idx = scores.topk(k, dim=-1).indices                          # (N, k)
+    gates = torch.rand(N, k, generator=g).softmax(dim=-1)                # (N, k)
+    return expert_idx, gates
+
+
+def widths_for(kind, gates, seed=2):
+    if kind == "random":      # a width per pair, continuous: many distinct hidden-unit counts
+        return torch.rand(gates.shape, generator=torch.Generator().manual_seed(seed)) * 0.9 + 0.1
+    if kind == "confidence":
+        return ConfidenceWidth(gamma=2.0, Gamma=0.5)(gates, 0)
+    return torch.full_like(gates, kind)
+
+
+def run_all(layer, x, expert_idx, gates, h, soft=None):
+    """Output and gradients (input, gates, expert weights, widths if soft) of the three implementations."""
+    fns = dict(fast=lambda xx, g, m: layer.dispatch(xx, expert_idx, g, h, soft_mask=m),
+               loop=lambda xx, g, m: layer.dispatch_loop(xx, expert_idx, g, h, soft_mask=m))
+    if soft is None:
+        fns["reference"] = lambda xx, g, m: layer.experts.forward_reference(xx, expert_idx, g, h)
+    results = {}
+    for name, fn in fns.items():
+        layer.zero_grad()
+        xx, g = x.clone().requires_grad_(), gates.clone().requires_grad_()
+        w = soft.detach().clone().requires_grad_() if soft is not None else None
+        y = fn(xx, g, prefix_mask(w, h, layer.experts.hidden) if w is not None else None)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results[name] = [y.detach(), xx.grad, g.grad] + [p.grad.clone() for p in layer.experts.parameters()] + \
+                        ([w.grad] if w is not None else [])
+    return results
+
+
+def assert_all_close(results, **tol):
+    ref = results.pop("reference", None) or results.pop("loop")
+    for name, res in results.items():
+        for a, b in zip(res, ref):
+            torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("kind", [1.0, 0.5, "confidence", "random"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("width_multiple", [1, 8])   # 1: most widths fall back to the per-expert loop
+def test_fast_dispatch_matches_loop_and_reference(kind, bias, width_multiple):
+    layer = layer_for(bias=bias, width_multiple=width_multiple)
+    x = torch.randn(48, 32)
+    expert_idx, gates = routing(48, 2, 4)
+    h = layer.experts.h(widths_for(kind, gates))
+    assert kind != "random" or h.unique().numel() >= min(30, 64 // width_multiple - 1)   # many distinct widths
+    assert_all_close(run_all(layer, x, expert_idx, gates, h), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_every_k_and_experts_without_tokens(k):
+    layer = layer_for(n_exp=6, width_multiple=4)
+    x = torch.randn(40, 32)
+    expert_idx, gates = routing(40, k, 6, only=[0, 2, 3, 5])       # experts 1 and 4 get no token
+    assert not ((expert_idx == 1) | (expert_idx == 4)).any()
+    h = layer.experts.h(widths_for("random", gates))
+    assert_all_close(run_all(layer, x, expert_idx, gates, h), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("N", [1, 2])
+def test_few_pairs_path_for_decoding(bias, N):
+    # no more (token, expert) pairs than experts: dispatch runs each pair on its own, without the sort
+    layer = layer_for(bias=bias, width_multiple=4)
+    x = torch.randn(N, 32)
+    expert_idx, gates = routing(N, 2, 4)
+    h = layer.experts.h(torch.tensor([[1.0, 0.25], [0.5, 0.75]])[:N])
+    assert_all_close(run_all(layer, x, expert_idx, gates, h), rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_matmul_and_its_fallback_agree(monkeypatch):
+    # the same dispatch with F.grouped_mm switched off everywhere (what an unsupported device runs)
+    layer = layer_for(bias=True, width_multiple=4)
+    x = torch.randn(48, 32)
+    expert_idx, gates = routing(48, 2, 4)
+    h = layer.experts.h(widths_for("random", gates))
+    assert model_module.grouped_mm_runs(x, 32, 64, 16)     # the CPU runs the grouped kernel at aligned widths
+    grouped = run_all(layer, x, expert_idx, gates, h)["fast"]
+    monkeypatch.setattr(model_module, "grouped_mm_runs", lambda *a: False)
+    looped = run_all(layer, x, expert_idx, gates, h)["fast"]
+    for a, b in zip(grouped, looped):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_soft_prefix_mask_path(bias):
+    # fit_ttt's path: every pair at full width times the differentiable prefix mask; the widths get gradients
+    layer = layer_for(bias=bias, width_multiple=4)
+    x = torch.randn(40, 32)
+    expert_idx, gates = routing(40, 2, 4)
+    w = widths_for("random", gates)
+    h = layer.experts.h(w)
+    results = run_all(layer, x, expert_idx, gates, h, soft=w)
+    assert results["fast"][-1].abs().sum() > 0                     # gradient reaches the widths
+    assert_all_close(results, rtol=1e-4, atol=1e-5)
+    hard = layer.experts.forward_reference(x, expert_idx, gates, h)  # forward is exactly the hard prefix
+    torch.testing.assert_close(results["fast"][0], hard.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("width_multiple", [1, 8])
+def test_bfloat16_autocast(width_multiple):
+    layer = layer_for(bias=True, width_multiple=width_multiple)
+    x = torch.randn(48, 32)
+    expert_idx, gates = routing(48, 2, 4)
+    h = layer.experts.h(widths_for("confidence", gates))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = layer.dispatch(x, expert_idx, gates, h)
+        loop = layer.dispatch_loop(x, expert_idx, gates, h)
+        fast.float().sum().backward()
+    ref = layer.experts.forward_reference(x, expert_idx, gates, h)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fast.float(), loop.float(), rtol=2e-2, atol=2e-2)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.experts.parameters())
