@@ -427,23 +427,23 @@ class MoSELayer(nn.Module):
         # 1. flatten the (token, expert) pairs
         token = torch.arange(N, device=x.device).repeat_interleave(k)      # (N*k,)
         expert, units, gate = expert_idx.flatten(), h.flatten(), gates.flatten()
-        # 2. sort pairs so each (width, expert) bucket is contiguous; with a soft mask all run at full width
-        key = expert if soft_mask is not None else units * self.experts.c_fc.size(0) + expert
+        E, H = self.experts.c_fc.size(0), self.experts.hidden
+        if soft_mask is not None:          # a policy being fitted: every pair runs at full width, the mask slims
+            units = torch.full_like(units, H)
+        # 2. sort pairs so each (width, expert) bucket is contiguous: one integer key per pair orders them by
+        #    hidden units, then expert (key = units * E + expert; divmod(key, E) gives both back)
+        key = units * E + expert
         order = key.argsort(stable=True)
-        key_sorted = key[order]
-        buckets, counts = torch.unique_consecutive(key_sorted, return_counts=True)
+        buckets, counts = torch.unique_consecutive(key[order], return_counts=True)
         rows = x[token[order]]                                             # (N*k, C) gathered inputs
         if soft_mask is not None:
             soft_mask = soft_mask.flatten(0, 1)[order]                     # (N*k, H) in the same order
         # 3. run each bucket: one expert, one width, a contiguous block of rows (one host sync for the loop)
         outs, start = [], 0
-        E = self.experts.c_fc.size(0)
         for b, n in zip(buckets.tolist(), counts.tolist()):
+            units_b, e = divmod(b, E)
             sl = slice(start, start + n)
-            if soft_mask is None:
-                outs.append(self.experts(rows[sl], b % E, b // E))
-            else:
-                outs.append(self.experts(rows[sl], b, self.experts.hidden, soft_mask[sl]))
+            outs.append(self.experts(rows[sl], e, units_b, None if soft_mask is None else soft_mask[sl]))
             start += n
         y = torch.cat(outs)                                                # (N*k, C)
         # 4. combine: weight by the gate and add back to the token each row came from

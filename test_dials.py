@@ -9,17 +9,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-
-
-def tiny(**kw):
-    args = dict(block_size=64, vocab_size=65, n_layer=2, n_head=2, n_embd=64, n_exp=4, k_exp=2, dropout=0.0)
-    args.update(kw)
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**args))
-
-
-def tokens(B=3, T=32, seed=1):
-    return torch.randint(0, 65, (B, T), generator=torch.Generator().manual_seed(seed))
+from test_model import tiny, tokens
 
 
 # --- top-p routing ---------------------------------------------------------------------------------------
