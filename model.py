@@ -9,8 +9,9 @@ Read top to bottom:
   5. MoSELayer                   dropless sort-based dispatch: route -> widths -> sort -> run -> combine;
                                  `dispatch` runs one grouped matmul pair per width, `dispatch_loop` (the
                                  explanation and test reference) one matmul pair per (width, expert) bucket
-  6. Width policies              turn router probabilities into widths (uniform, confidence) + fitting them
-                                 to a FLOPs budget (bisection) and by test-time training of gamma (ttt)
+  6. Width policies              turn router probabilities into widths: uniform, confidence, and RandomWidth
+                                 (training); fitting them to a FLOPs budget (bisection), by test-time training
+                                 of gamma (ttt), by a search over gamma, and a layer-wise allocator
   7. Block, GPT                  forward(idx, targets, width, k_exp), flops_per_token, generate (KV cache)
 
 References: MoSE (Tastan et al., ICML 2026, arXiv 2602.06154); Matryoshka MoE (arXiv 2509.26520);
