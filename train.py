@@ -641,17 +641,15 @@ while True:
         torch.distributed.all_reduce(summed)
         step_flops = summed.item()
     train_flops += step_flops
-    train_tokens += tokens_per_iter * (len(widths) if width_data == "fresh" else 1)
+    step_tokens = tokens_per_iter * (len(widths) if width_data == "fresh" else 1)   # 'fresh': a batch per width
+    train_tokens += step_tokens
     flops_done += step_flops
-    tokens_done += tokens_per_iter * (len(widths) if width_data == "fresh" else 1)
+    tokens_done += step_tokens
     iters_done += 1
     iter_num += 1
 
     if iter_num % log_interval == 0 and master_process:
-        lossf = full_loss.item()
-        if not math.isfinite(lossf):
-            fail(f"loss is {lossf} at iter {iter_num}: lower learning_rate, or use dtype=bfloat16/float32 "
-                 f"(the last good checkpoint is in {out_dir})")
+        lossf = full_loss.item()   # finite: every step was checked before its update
         dt = time.time() - t0
         flops_rate = flops_done / dt   # all ranks
         mfu = f", mfu {100 * flops_rate / ddp_world_size / peak_flops:.1f}%" if peak_flops else ""
