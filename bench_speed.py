@@ -5,18 +5,28 @@ ratios (medians of `repeats`, with the spread), all on random weights (speed doe
   layer     one MoSELayer at the OpenWebText-small sizes, forward and forward+backward, uniform widths and
             the confidence policy with Gamma fitted to each budget; also the bucket loop (dispatch_loop)
   model     the whole OpenWebText-small model's forward, time ratio vs flops_breakdown's ratio
-  train     a MoSE training step (full width + one narrower width, as width_sampling='max_random') and a
-            uniform-width step against a plain MoE step (full width)
+  train     MoSE training steps against a plain MoE step (full width): the shipped single pass with a random
+            width per (token, expert) pair (width_sampling='random_pair'), the paper's two passes (full width +
+            one narrower width, as 'max_random'), and a uniform-width step
   decode    tokens/s of generate() with the KV cache, batch 1, at width 1 and 0.5, Shakespeare and OWT-small
+  nanomoe   (not in the default parts: it needs a nanoMoE checkout, whose code is never copied here) a training
+            step of nanoMoE (github.com/wolfecameron/nanoMoE) and of this model at full width, side by side in
+            one process, at nanoMoE-sized dims (4 layers, n_embd 128, 4 experts, top-2, MoE in every block), at
+            768, 2,048 and 8,192 tokens per step: ms/step, the speed-up, and time per token (is cost linear?)
 
 Operating points run round-robin (every point once per repeat) so a load that comes and goes hits all alike.
 On a shared machine use --clock=cpu (this process's CPU time; with one thread that is the work done).
 
-    python bench_speed.py                                  # everything, prints tables
+    python bench_speed.py                                  # everything but nanomoe, prints tables
     python bench_speed.py --parts=layer --json=speed.json   # one part, rows to a JSON file
+    python bench_speed.py --parts=nanomoe --nanomoe=/path/to/nanoMoE   # against nanoMoE (git clone it anywhere)
 """
 
+import contextlib
+import importlib.util
+import io
 import json
+import os
 import statistics
 import sys
 import time
@@ -24,7 +34,7 @@ import time
 import torch
 
 from configurator import configure, fail, setup_device
-from model import GPT, ConfidenceWidth, GPTConfig, MoSELayer
+from model import GPT, ConfidenceWidth, GPTConfig, MoSELayer, RandomWidth
 
 # -----------------------------------------------------------------------------
 parts = ("layer", "model", "train", "decode")
@@ -32,7 +42,7 @@ repeats = 5
 clock = "wall"                  # 'wall' (perf_counter) or 'cpu' (process_time: robust to other processes)
 # the OpenWebText-small sizes (config/train_owt_mose_small.py)
 n_layer, n_head, n_embd, n_exp, k_exp, moe_stride = 6, 6, 384, 8, 2, 2
-expert_hidden, width_multiple, vocab_size, block_size = 1536, 64, 50304, 1024
+expert_hidden, width_multiple, vocab_size, block_size = 1536, 16, 50304, 1024
 layer_tokens = 4096             # tokens through one MoSELayer
 model_batch, model_seq = 2, 1024    # whole-model forward
 train_batch, train_seq = 1, 1024    # training step
@@ -43,6 +53,15 @@ mose_width = 0.5                # the narrower width of the MoSE training step
 router_std = 1.0                # router logits' std on unit inputs: random weights at 0.02 give near-uniform
                                 # gates, so the confidence policy would hand every expert the same width
 decode_tokens = 100
+# the nanomoe part: nanoMoE's MoE at a size where it runs in seconds on a CPU. Expert hidden is 4 * n_embd (fixed
+# in nanoMoE); character vocabulary and 256-token blocks as for Shakespeare. A step of T tokens is T // seq
+# sequences of seq tokens (T <= seq: one sequence of T)
+nanomoe = ""                    # path to a nanoMoE checkout (the folder holding its model.py and manager.py)
+nanomoe_tokens = (768, 2048, 8192)
+nanomoe_layer, nanomoe_head, nanomoe_embd, nanomoe_exp, nanomoe_k = 4, 4, 128, 4, 2
+nanomoe_vocab, nanomoe_seq = 65, 256
+warmup = True                   # one untimed run of every point first; False where one run takes a minute
+                                # (nanoMoE at 8,192 tokens) and its start-up costs are lost in that minute
 json_path = ""                  # --json=rows.json
 device = "cpu"
 dtype = "float32"
@@ -53,11 +72,36 @@ config = configure(globals())
 parts = tuple(p for s in parts for p in s.split(","))   # --parts=layer,model arrives as one string
 if clock not in ("wall", "cpu"):
     fail(f"clock must be 'wall' or 'cpu', got '{clock}'")
-unknown = set(parts) - {"layer", "model", "train", "decode"}
+unknown = set(parts) - {"layer", "model", "train", "decode", "nanomoe"}
 if unknown:
-    fail(f"parts must be among layer, model, train, decode; got {', '.join(sorted(unknown))}")
+    fail(f"parts must be among layer, model, train, decode, nanomoe; got {', '.join(sorted(unknown))}")
 if max(model_seq, train_seq) > block_size:
     fail(f"model_seq and train_seq must be at most block_size ({block_size}); got {model_seq}, {train_seq}")
+if "nanomoe" in parts:   # checked and imported before any part runs, so a bad path fails at once
+    if not nanomoe:
+        fail("the nanomoe part runs a nanoMoE checkout side by side: give its folder with "
+             "--nanomoe=/path/to/nanoMoE (git clone https://github.com/wolfecameron/nanoMoE)")
+    nanomoe_file = os.path.join(nanomoe, "model.py")
+    if not os.path.isfile(nanomoe_file):
+        fail(f"no model.py in --nanomoe={nanomoe}: give the folder of a nanoMoE checkout "
+             f"(git clone https://github.com/wolfecameron/nanoMoE)")
+    bad = [t for t in nanomoe_tokens if t < 1 or (t > nanomoe_seq and t % nanomoe_seq)]
+    if bad:
+        fail(f"nanomoe_tokens must be at most nanomoe_seq ({nanomoe_seq}) or a multiple of it; got {bad}")
+    # its model.py is a module called 'model' too, so it is loaded under another name; it does `from manager
+    # import MANAGER` (the manager.py beside it), so its folder is on the path while it loads
+    sys.path.insert(0, os.path.abspath(nanomoe))
+    try:
+        spec = importlib.util.spec_from_file_location("nanomoe_model", nanomoe_file)
+        nanomoe_model = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(nanomoe_model)
+    except Exception as e:   # its code, not ours: the reason in one line is the fix, a traceback is not
+        fail(f"cannot import {nanomoe_file}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]} "
+             f"(is --nanomoe a nanoMoE checkout?)")
+    finally:
+        sys.path.remove(os.path.abspath(nanomoe))
+    if not all(hasattr(nanomoe_model, n) for n in ("GPT", "GPTConfig")):
+        fail(f"{nanomoe_file} defines no GPT and GPTConfig: is --nanomoe a nanoMoE checkout?")
 device, device_type, ptdtype, ctx = setup_device(device, dtype)
 torch.manual_seed(seed)
 now = time.perf_counter if clock == "wall" else time.process_time
@@ -82,9 +126,10 @@ def sharpen_routers(module):
 
 
 def round_robin(points, fn):
-    """fn(point) -> seconds of one run; every point once per repeat after a warm-up. {name: [seconds]}."""
+    """fn(point) -> seconds of one run; every point once per repeat after a warm-up (unless --warmup=False).
+    {name: [seconds]}."""
     times = {name: [] for name in points}
-    for name, p in points.items():
+    for name, p in points.items() if warmup else ():
         fn(p)
     for _ in range(repeats):
         for name, p in points.items():
@@ -202,9 +247,16 @@ if "train" in parts:
     opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
     idx = torch.randint(0, vocab_size, (train_batch, train_seq), device=device)
     F = lambda w: model.flops_breakdown(w, seq_len=train_seq)["total"]
+    # the shipped recipe (config/train_shakespeare_mose.py): one pass, a random width per (token, expert) pair
+    random_pair = RandomWidth(p_full=0.25, w_min=0.25, grid=0.25, generator=torch.Generator().manual_seed(seed))
     points = {"plain MoE step (width 1)": (1.0,), f"uniform {mose_width:g} step": (mose_width,),
-              f"MoSE step (width 1 + {mose_width:g})": (1.0, mose_width)}
-    flops = {name: sum(F(w) for w in ws) / F(1.0) for name, ws in points.items()}
+              f"MoSE step (width 1 + {mose_width:g})": (1.0, mose_width),
+              "MoSE step (random_pair, p_full 0.25)": (random_pair,)}
+    flops = {name: sum(F(w) for w in ws) / F(1.0) for name, ws in points.items() if random_pair not in ws}
+    with torch.no_grad(), ctx:   # a policy's FLOPs: what its forward spends (the draws vary little step to step)
+        spent = model(idx, idx, width=random_pair).stats["expert_flops"].item()
+    flops["MoSE step (random_pair, p_full 0.25)"] = (model.flops_breakdown(1.0, seq_len=train_seq)["non_expert"]
+                                                     + spent) / F(1.0)
 
     def run(ws):
         def step():
@@ -245,6 +297,92 @@ if "decode" in parts:
             rows.append(dict(part="decode", point=f"{mname} width {w:g}", tokens_per_s=statistics.median(tps),
                              spread=[min(tps), max(tps)], speedup_vs_width_1=med, times_s=ts))
         del model
+
+# --- against nanoMoE -------------------------------------------------------------------------------------
+if "nanomoe" in parts:
+    # Like for like: the same layers, heads, width, experts (4 * n_embd hidden), top-k and vocabulary, no
+    # biases (nanoMoE's train.py default), no dropout, AdamW from each model's configure_optimizers with the same
+    # settings, and the same losses: nanoMoE's load-balancing and z losses are off by default and switched on
+    # here as its MoE config does (config/train_nano_moe.py: aux 0.01, z 0.001, router in fp32). Kept at
+    # nanoMoE's defaults, because they are how it computes: a training capacity factor of 1.25 (each expert takes
+    # at most floor(k * 1.25 * tokens / n_exp) tokens, at least min_capacity, the rest are dropped: they skip the
+    # MoE layer) and the dispatch through dense one-hot (tokens, experts, capacity) tensors, whose size grows with
+    # the square of the tokens in a step. Ours is dropless: every token runs its k experts.
+    theirs_cfg = dict(n_layer=nanomoe_layer, n_head=nanomoe_head, n_embd=nanomoe_embd, vocab_size=nanomoe_vocab,
+                      block_size=nanomoe_seq, dropout=0.0, bias=False, n_exp=nanomoe_exp, top_k=nanomoe_k, stride=1,
+                      use_aux_loss=True, aux_loss_weight=0.01, use_router_z_loss=True, router_z_loss_weight=0.001,
+                      router_use_full_prec=True)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):   # it prints its parameter counts; we print ours below
+            theirs = nanomoe_model.GPT(nanomoe_model.GPTConfig(**theirs_cfg)).to(device)
+            theirs_opt = theirs.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
+    except Exception as e:   # e.g. a nanoMoE whose config has other names (written against its 661fbcf)
+        fail(f"cannot build nanoMoE's model from {nanomoe_file}: {type(e).__name__}: "
+             f"{(str(e).splitlines() or [''])[0][:160]}")
+    ours = GPT(GPTConfig(n_layer=nanomoe_layer, n_head=nanomoe_head, n_embd=nanomoe_embd, vocab_size=nanomoe_vocab,
+                         block_size=nanomoe_seq, dropout=0.0, bias=False, n_exp=nanomoe_exp, k_exp=nanomoe_k,
+                         moe_stride=1, expert_hidden=4 * nanomoe_embd)).to(device)
+    ours_opt = ours.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
+    n_theirs, n_ours = (sum(p.numel() for p in m.parameters()) for m in (theirs, ours))   # tied weights once
+    print(f"\nnanomoe: a training step (forward, loss + router losses, backward, AdamW) of nanoMoE and of nanoMoSE "
+          f"at full width (a plain MoE step)\n  both: {nanomoe_layer} layers, {nanomoe_head} heads, n_embd "
+          f"{nanomoe_embd}, {nanomoe_exp} experts of {4 * nanomoe_embd} hidden units, top-{nanomoe_k}, MoE in every "
+          f"block, vocab {nanomoe_vocab}, no biases; parameters nanoMoE {n_theirs:,}, nanoMoSE {n_ours:,}\n"
+          f"  nanoMoE's defaults kept: train capacity factor {getattr(theirs.config, 'train_capacity', '?')} (min "
+          f"{getattr(theirs.config, 'min_capacity', '?')} per expert), tokens past an expert's capacity dropped; ours "
+          f"is dropless")
+
+    def dropped(idx):
+        """Fraction of nanoMoE's (token, expert) assignments its capacity drops in a training-mode forward of idx,
+        from what its routers return (used_capacity, per expert, first); None where they are not found."""
+        kept = []
+        hook = lambda m, args, out: kept.append(out[0].sum().item())
+        hooks = [m.register_forward_hook(hook) for m in theirs.modules() if type(m).__name__ == "Router"]
+        with torch.no_grad(), ctx:
+            theirs(idx, idx)
+        for h in hooks:
+            h.remove()
+        return 1 - sum(kept) / (len(kept) * nanomoe_k * idx.numel()) if kept else None
+
+    def step(model, opt, idx):
+        with ctx:
+            out = model(idx, idx)
+        # ours returns the LM loss and the router losses apart; nanoMoE's loss already holds its weighted
+        # router losses
+        loss = out.loss + out.router_loss if isinstance(model, GPT) else out[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    batches, drops, points = {}, {}, {}
+    for t in nanomoe_tokens:
+        seq = min(t, nanomoe_seq)
+        batches[t] = torch.randint(0, nanomoe_vocab, (t // seq, seq), device=device)
+        drops[t] = dropped(batches[t])
+        points[(t, "nanoMoE")] = (theirs, theirs_opt, batches[t])
+        points[(t, "nanoMoSE")] = (ours, ours_opt, batches[t])
+    times = round_robin(points, lambda p: timed(lambda: step(*p)))
+    print(f"{'tokens':>7} {'batch x seq':>11} {'nanoMoE ms':>11} {'nanoMoSE ms':>12} {'speed-up':>9} {'spread':>12} "
+          f"{'nanoMoE us/tok':>15} {'nanoMoSE us/tok':>16} {'nanoMoE dropped':>16}")
+    for t, idx in batches.items():
+        th, us = times[(t, "nanoMoE")], times[(t, "nanoMoSE")]
+        med, lo, hi = ratio_stats(th, us)   # nanoMoE's time / ours = our speed-up
+        drop = "n/a" if drops[t] is None else f"{drops[t]:.1%}"
+        print(f"{t:7d} {f'{idx.size(0)} x {idx.size(1)}':>11} {statistics.median(th) * 1e3:11.1f} "
+              f"{statistics.median(us) * 1e3:12.1f} {med:9.2f} {lo:5.2f}..{hi:5.2f} "
+              f"{statistics.median(th) / t * 1e6:15.1f} {statistics.median(us) / t * 1e6:16.1f} {drop:>16}")
+        rows.append(dict(part="nanomoe", point=f"{t} tokens", tokens=t, batch=idx.size(0), seq=idx.size(1),
+                         nanomoe_median_s=statistics.median(th), ours_median_s=statistics.median(us), speedup=med,
+                         spread=[lo, hi], nanomoe_s_per_token=statistics.median(th) / t,
+                         ours_s_per_token=statistics.median(us) / t, nanomoe_dropped=drops[t],
+                         nanomoe_times_s=th, ours_times_s=us, nanomoe_params=n_theirs, ours_params=n_ours))
+    if len(batches) > 1:   # linear cost: the time per token stays put as the step grows
+        t0, t1 = min(batches), max(batches)
+        per_tok = lambda who, t: statistics.median(times[(t, who)]) / t
+        print(f"time per token at {t1:,} vs {t0:,} tokens (1.0 = cost linear in tokens): "
+              f"nanoMoE {per_tok('nanoMoE', t1) / per_tok('nanoMoE', t0):.2f}x, "
+              f"nanoMoSE {per_tok('nanoMoSE', t1) / per_tok('nanoMoSE', t0):.2f}x")
+    del theirs, ours, theirs_opt, ours_opt
 
 if json_path:
     with open(json_path, "w") as f:

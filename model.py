@@ -25,6 +25,7 @@ import pickle
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -175,9 +176,11 @@ class Router(nn.Module):
             top_probs = top_probs * used                            # unused pairs: gate 0
         gates = top_probs / top_probs.sum(dim=-1, keepdim=True)
         # load: fraction of all (token, expert) assignments that went to each expert; 1/E each when balanced
-        assigned = torch.ones(expert_idx.shape, device=x.device) if used is None else used.float()  # (N, k)
-        load = torch.zeros(self.n_exp, device=x.device).index_add_(
-            0, expert_idx.flatten(), assigned.flatten()) / assigned.sum()
+        pairs = expert_idx if used is None else expert_idx.masked_fill(~used, self.n_exp)   # unused: bin E
+        load = torch.bincount(pairs.flatten(), minlength=self.n_exp + 1)[:self.n_exp].float()
+        load = load / load.sum()                                                         # (E,)
+        if not self.training:   # the losses are a training objective: skipped in eval mode (decoding is
+            return Routing(expert_idx, gates, probs, logits.new_zeros(()), load, used)  # overhead-bound)
         loss = self.aux_loss_weight * self.n_exp * (load * probs.mean(dim=0)).sum()   # Switch: = 1 at balance
         loss = loss + self.z_loss_weight * torch.logsumexp(logits, dim=-1).square().mean()  # ST-MoE z-loss
         if self.hr_loss_weight > 0:
@@ -208,9 +211,11 @@ def hidden_units(width, full, multiple=1):
     """h(w): the number of leading hidden units an expert of `full` units runs at width w.
     Rounded to the nearest multiple of `multiple`, at least one multiple and at most `full`.
     Works on a float or on a tensor of widths, with the same float32 rounding for both."""
-    w = torch.as_tensor(width, dtype=torch.float32)   # float32 on every device (mps has no float64)
-    h = (torch.round(w * full / multiple) * multiple).clamp(min=multiple, max=full).long()
-    return h if isinstance(width, torch.Tensor) else int(h)
+    if not isinstance(width, torch.Tensor):   # on the host, no tensor ops (decoding calls this per layer)
+        units = np.round(np.float32(width) * np.float32(full) / np.float32(multiple))   # half to even, as torch
+        return int(min(max(units * multiple, multiple), full))
+    w = width.float()                          # float32 on every device (mps has no float64)
+    return (torch.round(w * full / multiple) * multiple).clamp(min=multiple, max=full).long()
 
 
 def pair_flops(n_embd, h):
@@ -373,9 +378,12 @@ class MoSELayer(nn.Module):
         r = self.router(x, k, k_pool, top_p)
         # widths read the router's gates but never train it; they carry a gradient only when the policy has a
         # parameter being fitted (ttt's gamma), and only then does the dispatch take the differentiable path
-        widths = width(r.gates.detach(), self.moe_index) if isinstance(width, WidthPolicy) else \
-            torch.full_like(r.gates, width)                                # (N, k) one width per pair
-        h = self.experts.h(widths.detach())                                # (N, k) hidden units per pair
+        if isinstance(width, WidthPolicy):
+            widths = width(r.gates.detach(), self.moe_index)               # (N, k) one width per pair
+            h = self.experts.h(widths.detach())                            # (N, k) hidden units per pair
+        else:                              # one width for all: h(w) once, on the host
+            widths = torch.full_like(r.gates, width)
+            h = torch.full_like(r.expert_idx, self.experts.h(width))
         if r.used is not None:     # top-p routing: an unused pair has no hidden units, so it spends nothing
             h = h * r.used
             y = self.dispatch_used(x, r, h, prefix_mask(widths, h, self.experts.hidden) if widths.requires_grad
@@ -773,7 +781,8 @@ class GPTOutput(NamedTuple):
     logits: torch.Tensor      # (B, T, V) with targets; (B, 1, V), the last position only, without
     loss: torch.Tensor        # language-model cross-entropy ONLY (comparable across dense, MoE and MoSE); None
                               # without targets
-    router_loss: torch.Tensor  # weighted sum of all router losses; train on loss + router_loss
+    router_loss: torch.Tensor  # weighted sum of all router losses; train on loss + router_loss (0 in eval
+                               # mode: the router skips them)
     stats: dict               # expert_flops, flops_per_token, mean_width, load and experts_per_token (per MoE layer)
 
 

@@ -182,6 +182,21 @@ def test_router_losses_by_hand():
     q = F.softmax(x @ router.w_g.weight.T, dim=-1)
     entropy = -(q * q.log()).sum(-1).mean()
     torch.testing.assert_close(router(x, 2).loss, entropy - torch.log(torch.tensor(4.0)))
+    # eval mode: the same routing and load, no losses (nothing trains on them; decoding skips the work)
+    train_r, eval_r = router(x, 2), router.eval()(x, 2)
+    assert torch.equal(train_r.expert_idx, eval_r.expert_idx) and torch.equal(train_r.load, eval_r.load)
+    assert eval_r.loss.item() == 0.0 and train_r.loss.item() != 0.0
+
+
+def test_hidden_units_same_on_the_host_and_in_a_tensor():
+    # a float width takes a host path (no tensor ops); it must round exactly as the tensor path does, also at
+    # the halfway points (w * full / multiple = n + 0.5) where float32 and float64 rounding could differ
+    for full, multiple in ((256, 1), (1536, 16), (1536, 64), (100, 8)):
+        ws = [i / 400 for i in range(1, 401)] + [(n + 0.5) * multiple / full for n in range(full // multiple)]
+        ws = [w for w in ws if 0 < w <= 1]
+        on_host = [hidden_units(w, full, multiple) for w in ws]
+        assert on_host == hidden_units(torch.tensor(ws), full, multiple).tolist()
+        assert all(isinstance(h, int) for h in on_host)
 
 
 def test_coactivation_sampling_draws_distinct_experts_from_the_top_pool():
