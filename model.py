@@ -378,20 +378,21 @@ class MoSELayer(nn.Module):
         r = self.router(x, k, k_pool, top_p)
         # widths read the router's gates but never train it; they carry a gradient only when the policy has a
         # parameter being fitted (ttt's gamma), and only then does the dispatch take the differentiable path
+        widths = None
         if isinstance(width, WidthPolicy):
             widths = width(r.gates.detach(), self.moe_index)               # (N, k) one width per pair
             h = self.experts.h(widths.detach())                            # (N, k) hidden units per pair
         else:                              # one width for all: h(w) once, on the host
-            widths = torch.full_like(r.gates, width)
             h = torch.full_like(r.expert_idx, self.experts.h(width))
         if r.used is not None:     # top-p routing: an unused pair has no hidden units, so it spends nothing
             h = h * r.used
-            y = self.dispatch_used(x, r, h, prefix_mask(widths, h, self.experts.hidden) if widths.requires_grad
-                                   else None)
-        elif widths.requires_grad:   # a policy being fitted (ttt): full width, differentiable prefix mask
-            y = self.dispatch(x, r.expert_idx, r.gates, h, soft_mask=prefix_mask(widths, h, self.experts.hidden))
+        # a policy being fitted: every pair runs at full width and a differentiable prefix mask slims it
+        soft_mask = prefix_mask(widths, h, self.experts.hidden) if widths is not None and widths.requires_grad \
+            else None
+        if r.used is not None:
+            y = self.dispatch_used(x, r, h, soft_mask)
         else:
-            y = self.dispatch(x, r.expert_idx, r.gates, h)
+            y = self.dispatch(x, r.expert_idx, r.gates, h, soft_mask=soft_mask)
         spent = pair_flops(C, h.sum(dim=1).float())                        # (N,) expert FLOPs of each token
         pairs = h.numel() if r.used is None else r.used.sum()
         return MoEOutput(self.dropout(y).view(B, T, C), r, spent, h.float().sum() / pairs / self.experts.hidden)
