@@ -13,7 +13,6 @@ FLOPs the forward actually spent, the tokens per second of the forward. --json=P
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -52,8 +51,7 @@ plot = ""                          # --plot=curve.png
 device = "auto"
 dtype = "auto"
 seed = 1337
-sys.argv = [a.replace("--json=", "--json_path=", 1) for a in sys.argv]   # 'json' would shadow the module
-config = configure(globals())
+config = configure(globals(), aliases={"json": "json_path"})
 # -----------------------------------------------------------------------------
 
 if plot:   # check for the optional package now, not after a sweep of many minutes

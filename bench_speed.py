@@ -67,8 +67,7 @@ device = "cpu"
 dtype = "float32"
 seed = 1337
 # -----------------------------------------------------------------------------
-sys.argv = [a.replace("--json=", "--json_path=", 1) for a in sys.argv]   # 'json' would shadow the module
-config = configure(globals())
+config = configure(globals(), aliases={"json": "json_path"})
 parts = tuple(p for s in parts for p in s.split(","))   # --parts=layer,model arrives as one string
 if clock not in ("wall", "cpu"):
     fail(f"clock must be 'wall' or 'cpu', got '{clock}'")

@@ -46,7 +46,7 @@ def parse(text):
         return text   # a bare string, e.g. --dataset=shakespeare_char
 
 
-def configure(defaults, argv=None):
+def configure(defaults, argv=None, aliases=None):
     known = {k for k, v in defaults.items()
              if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))}
     for arg in (sys.argv[1:] if argv is None else argv):
@@ -73,6 +73,7 @@ def configure(defaults, argv=None):
             key, sep, text = arg[2:].partition("=")
             if not sep:
                 fail(f"'{arg}' needs a value: --{key}=VALUE")
+            key = (aliases or {}).get(key, key)   # e.g. --json= for json_path (a key 'json' would shadow the module)
             # a string key takes the text as it is (--start=1999 is a prompt, not a number)
             items = [(key, text if isinstance(defaults.get(key), str) else parse(text))]
             print(f"Overriding: {key} = {text}")
