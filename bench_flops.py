@@ -4,6 +4,7 @@ many operating points (uniform widths, k_exp, width x k, the confidence policy, 
 to the baselines' points (a plain MoE over its k_exp and width dials, a dense GPT).
 
     python bench_flops.py --out_dir=out-shakespeare-mose --compare=out-shakespeare-moe,out-shakespeare-dense
+    python bench_flops.py ... --series="one MoE per size:out-moe-h192,out-moe-h128,out-moe-h64"
 
 Every row is measured here: the loss on the validation split (with its standard error over sequences), the
 FLOPs the forward actually spent, the tokens per second of the forward. --json=PATH writes the rows,
@@ -25,6 +26,9 @@ from model import allocate_budget, check_tokenizer, check_width, load_checkpoint
 # -----------------------------------------------------------------------------
 out_dir = "out-shakespeare-mose"   # the MoSE checkpoint to sweep
 compare = ""                       # comma-separated checkpoint dirs of baselines (plain MoE, dense)
+series = ""                        # families of baselines, one operating point per model (its full width and
+                                   # training k), each family drawn as one line, e.g. one dedicated MoE per size:
+                                   # --series="one MoE per size:out-moe-h64,out-moe-h128;a quarter each:out-q64,out-q128"
 data_dir = ""                      # '' = from the checkpoint's config
 dataset = ""
 eval_tokens = 131072               # validation tokens per operating point (non-overlapping windows)
@@ -74,14 +78,31 @@ except ValueError as e:
 device, device_type, dtype, ctx = setup_device(device, dtype)
 torch.manual_seed(seed)
 
-# the models: the MoSE checkpoint first, then the baselines
-models = {}
-for d in [out_dir] + [c for c in compare.split(",") if c]:
+# the models: the MoSE checkpoint first, then the baselines, then the members of each series
+member_of = {}   # model name -> the series it belongs to
+families = []
+for part in [p for p in series.split(";") if p.strip()]:
+    label, sep, dirs = part.rpartition(":")
+    dirs = [d for d in dirs.split(",") if d]
+    if not sep or not label.strip() or not dirs:
+        fail(f"--series takes 'label:dir,dir;label:dir,...', got '{part}'")
+    families.append((label.strip(), dirs))
+models, paths = {}, {}
+swept = [out_dir] + [c for c in compare.split(",") if c]   # every dial of these; a series member alone: one point
+for d in swept + [d for _, dirs in families for d in dirs]:
+    name = os.path.basename(os.path.normpath(d))
+    if name in paths:   # a model may be in --compare and in a series (the full-size MoE among the sizes)
+        if os.path.realpath(paths[name]) != os.path.realpath(d):
+            fail(f"two checkpoint dirs are named {name} ({paths[name]}, {d}): give each model a dir of its own name")
+        continue
     try:
         model, ckpt = load_checkpoint(os.path.join(d, "ckpt.pt"), device)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    models[os.path.basename(os.path.normpath(d))] = (model.eval(), ckpt)
+    models[name], paths[name] = (model.eval(), ckpt), d
+for label, dirs in families:
+    member_of.update({os.path.basename(os.path.normpath(d)): label for d in dirs})
+one_point = set(member_of) - {os.path.basename(os.path.normpath(d)) for d in swept}
 main_name = next(iter(models))
 main_model, main_ckpt = models[main_name]
 data_dir = data_dir or main_ckpt["config"]["data_dir"]
@@ -188,11 +209,15 @@ reference = main_model.flops_breakdown()   # the MoE at full width and its train
 rows, seq_losses = [], {}
 
 
+def trained_k(model):
+    return model.config.k_exp if model.config.n_exp else None
+
+
 def add_row(name, policy, width, k_exp, gamma=None, budget=None):
     model = models[name][0]
     k = (k_exp or model.config.k_exp) if model.config.n_exp else None
     result, per_seq = evaluate(model, width if model.config.n_exp else None, k)
-    row = dict(model=name, policy=policy,
+    row = dict(model=name, series=member_of.get(name), policy=policy,
                width=width if isinstance(width, (float, list)) else getattr(width, "Gamma", None),
                k_exp=k, gamma=gamma, budget=budget, train_flops=train_flops[name], **result,
                rel_flops=result["flops_per_token"] / reference["total"],
@@ -226,6 +251,9 @@ for name, (model, ckpt) in models.items():
     n_exp, k_train = model.config.n_exp, model.config.k_exp
     if n_exp == 0:
         add_row(name, "dense", 1.0, None)
+        continue
+    if name in one_point:   # a series member is one operating point: the model as it was trained
+        add_row(name, "uniform", 1.0, k_train)
         continue
     for w in sorted(widths, reverse=True):                     # uniform width at the training k
         add_row(name, "uniform", float(w), k_train)
@@ -330,7 +358,7 @@ for name, (model, _) in models.items():
                   f"{1 - m['expert_flops_per_token'] / r['expert_flops_per_token']:+.1%} of expert FLOPs, "
                   f"{1 - m['flops_per_token'] / r['flops_per_token']:+.1%} of total FLOPs")
     ref = next((i for i, r in enumerate(rows) if r["model"] == name and r["policy"] != "confidence"
-                and r["width"] == 1.0 and r["k_exp"] == (model.config.k_exp if model.config.n_exp else None)), None)
+                and r["width"] == 1.0 and r["k_exp"] == trained_k(model)), None)
     mine = next(i for i, r in enumerate(rows) if r["model"] == main_name and r["width"] == 1.0
                 and r["k_exp"] == main_model.config.k_exp and r["policy"] == "uniform")
     print(f"  at full width: {main_name} - {name} = {paired_difference(mine, ref)} "
@@ -383,7 +411,7 @@ for budget, s, t, g in sides:
           f"{setting(rows[g])} {rows[g]['val_loss']:.4f}; search - best of grid = {paired_difference(s, g)}")
 
 if json_path:
-    keys = ("model", "train_flops", "policy", "width", "k_exp", "gamma", "budget", "flops_per_token",
+    keys = ("model", "series", "train_flops", "policy", "width", "k_exp", "gamma", "budget", "flops_per_token",
             "expert_flops_per_token", "rel_flops", "rel_expert_flops", "val_loss", "val_loss_stderr", "tokens_per_s")
     with open(json_path, "w") as f:
         json.dump([{k: r[k] for k in keys} for r in rows], f, indent=1)
@@ -392,7 +420,8 @@ if plot:   # matplotlib was imported at start-up, so a missing package never cos
     fig, ax = plt.subplots(figsize=(8, 5))
     markers = {"uniform": "o", "confidence": "^", "ttt": "v", "search": "D", "allocate": "P", "per_layer": "x",
                "dense": "s"}
-    for n, name in enumerate(models):   # one colour per model, one marker per policy, its frontier dashed
+    solo = [name for name in models if name not in one_point]
+    for n, name in enumerate(solo):   # one colour per model, one marker per policy, its frontier dashed
         for policy, marker in markers.items():
             rs = [r for r in rows if r["model"] == name and r["policy"] == policy]
             if rs:
@@ -401,6 +430,11 @@ if plot:   # matplotlib was imported at start-up, so a missing package never cos
         f = frontier([r for r in rows if r["model"] == name])
         if len(f) > 1:
             ax.plot([r["flops_per_token"] / 1e6 for r in f], [r["val_loss"] for r in f], "--", color=f"C{n}", lw=1)
+    for n, (label, _) in enumerate(families, start=len(solo)):   # a series: one point per model, joined
+        rs = sorted((r for r in rows if r["series"] == label and r["width"] == 1.0 and r["policy"] in ("uniform", "dense")
+                     and r["k_exp"] == trained_k(models[r["model"]][0])), key=lambda r: r["flops_per_token"])
+        ax.plot([r["flops_per_token"] / 1e6 for r in rs], [r["val_loss"] for r in rs], "s-", color=f"C{n}", lw=1,
+                ms=5, label=f"{label} ({len(rs)} models)")
     # the interesting part: up to 0.6 nats above the best point (a narrow, untrained width is far worse)
     low = min(r["val_loss"] for r in rows)
     high = min(max(r["val_loss"] for r in rows), low + 0.6)

@@ -93,11 +93,32 @@ def test_printed_frontier_is_the_non_dominated_set(bench):
     (["--out_dir=/nonexistent"], "no checkpoint at /nonexistent"),
     (["--policy=uniform"], "unknown config key 'policy'"),
     (["--dtype=float64"], "dtype must be auto, float32, bfloat16, float16; got 'float64'"),
+    (["--series=out-a,out-b"], "--series takes 'label:dir,dir;label:dir,...'"),
 ])
 def test_bad_flags_are_one_clear_line(checkpoints, args, message):
     p = run("bench_flops.py", f"--out_dir={checkpoints / 'mose'}", *args)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and message in p.stderr, p.stderr
+
+
+def test_series_is_one_point_per_model_and_one_line(checkpoints, tmp_path):
+    # a family of baselines (e.g. one dedicated MoE per size): each member scored once, as trained; a member that
+    # is also in --compare keeps its whole sweep
+    path, plot = tmp_path / "rows.json", tmp_path / "curve.png"
+    has_plt = importlib.util.find_spec("matplotlib") is not None
+    p = run("bench_flops.py", f"--out_dir={checkpoints / 'mose'}", f"--compare={checkpoints / 'moe'}",
+            f"--series=one per size:{checkpoints / 'moe'},{checkpoints / 'dense'}", "--quick=True",
+            "--eval_tokens=4096", "--ttt_batches=2", f"--json={path}", *([f"--plot={plot}"] if has_plt else []))
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.load(open(path))
+    dense = [r for r in rows if r["model"] == "dense"]
+    assert len(dense) == 1 and dense[0]["series"] == "one per size" and dense[0]["width"] == 1.0
+    moe = [r for r in rows if r["model"] == "moe"]
+    assert len(moe) > 1 and all(r["series"] == "one per size" for r in moe)
+    assert all(r["series"] is None for r in rows if r["model"] == "mose")
+    assert "mose vs dense" in p.stdout and "mose vs moe" in p.stdout
+    if has_plt:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_or_a_clear_line_without_matplotlib(checkpoints, tmp_path):
