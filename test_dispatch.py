@@ -132,12 +132,19 @@ def test_bfloat16_autocast(width_multiple):
     x = torch.randn(48, 32)
     expert_idx, gates = routing(48, 2, 4)
     h = layer.experts.h(widths_for("confidence", gates))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = layer.dispatch(x, expert_idx, gates, h)
-        loop = layer.dispatch_loop(x, expert_idx, gates, h)
-        fast.float().sum().backward()
+    grads = {}
+    for name, fn in (("fast", layer.dispatch), ("loop", layer.dispatch_loop)):
+        layer.zero_grad()
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(xx, expert_idx, gates, h)
+        y.float().square().sum().backward()
+        grads[name] = (y, xx.grad, *[p.grad.clone() for p in layer.experts.parameters()])
+    fast, loop = grads["fast"][0], grads["loop"][0]
     ref = layer.experts.forward_reference(x, expert_idx, gates, h)
     assert fast.dtype == torch.bfloat16
     torch.testing.assert_close(fast.float(), ref, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(fast.float(), loop.float(), rtol=2e-2, atol=2e-2)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.experts.parameters())
+    for a, b in zip(grads["fast"][1:], grads["loop"][1:]):   # gradients, to bf16 precision (relative to their size)
+        assert a.dtype == b.dtype and (a.float() - b.float()).norm() <= 2e-2 * b.float().norm()
