@@ -114,6 +114,16 @@ def test_random_pair_trains_one_cheaper_pass_per_step(char_data, tmp_path):
     assert rows[-1]["train_tokens"] == 5 * TOKENS_PER_STEP
 
 
+def test_random_pair_with_distillation_adds_a_full_width_teacher_pass(char_data, tmp_path):
+    train(char_data, tmp_path, "--max_iters=3", "--eval_interval=3", "--width_sampling=random_pair", "--p_full=0.5",
+          "--width_grid=0.25", "--distill_weight=1.0")
+    rows = [r for r in log_rows(tmp_path) if "loss" in r]
+    assert all(r["widths"] == [1.0, "RandomWidth(p_full=0.5, w_min=0.25, grid=0.25)"] for r in rows)
+    per_step = [b["train_flops"] - a["train_flops"] for a, b in zip(rows, rows[1:])]
+    step = moe_step_flops()
+    assert all(1.5 * step < s < 2 * step for s in per_step)   # the teacher's full step plus the cheaper pass
+
+
 @pytest.mark.parametrize("p_full,check", [
     (1.0, lambda w: w == [1.0]),
     (0.0, lambda w: len(w) == 1 and 0.25 <= w[0] < 1.0),

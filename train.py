@@ -420,8 +420,9 @@ def sample_widths():
         return [1.0]
     if width_sampling == "random_step":  # one pass: the full width with probability p_full, else a random one
         return [1.0 if torch.rand((), generator=width_gen).item() < p_full else rand()]
-    if width_sampling == "random_pair":  # one pass: every (token, expert) pair draws its own width
-        return [RandomWidth(p_full, w_min, width_grid, width_gen)]
+    if width_sampling == "random_pair":  # one pass: every (token, expert) pair draws its own width; with
+        # distillation a full-width pass comes first, as the teacher (it costs a plain-MoE step more)
+        return [1.0] * (distill_weight > 0) + [RandomWidth(p_full, w_min, width_grid, width_gen)]
     if width_sampling == "max_random":   # the MoSE paper: the full width plus a random one
         return [1.0] + [rand() for _ in range(n_random_widths)]
     if width_sampling == "sandwich":     # slimmable networks: the widest, the narrowest, random ones between
