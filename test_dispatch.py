@@ -111,6 +111,29 @@ def test_grouped_matmul_and_its_fallback_agree(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("split_rows", [1, 4])
+def test_expert_by_expert_blocks_match(monkeypatch, split_rows):
+    # big widths run expert by expert (row_blocks); at these sizes only a tiny split_rows makes that happen
+    layer = layer_for(bias=True, width_multiple=4)
+    x = torch.randn(48, 32)
+    expert_idx, gates = routing(48, 2, 4)
+    h = layer.experts.h(widths_for("random", gates))
+    unsplit = run_all(layer, x, expert_idx, gates, h)["fast"]
+    grouped = model_module.SlimmableExperts.forward_grouped
+    monkeypatch.setattr(layer.experts, "forward_grouped",
+                        lambda *a, **kw: grouped(layer.experts, *a, **kw, split_rows=split_rows))
+    results = run_all(layer, x, expert_idx, gates, h)
+    assert_all_close(results, rtol=1e-4, atol=1e-5)   # against the loop and the reference
+    for a, b in zip(results["fast"], unsplit):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_row_blocks():
+    counts, hs = [[3, 0, 1], [8, 6, 0]], [16, 32]
+    assert model_module.row_blocks(counts, hs, 5) == [(16, [3, 0, 1]), (32, [8, 0, 0]), (32, [0, 6, 0])]
+    assert model_module.row_blocks(counts, hs, 100) == [(16, [3, 0, 1]), (32, [8, 6, 0])]
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_soft_prefix_mask_path(bias):
     # fit_ttt's path: every pair at full width times the differentiable prefix mask; the widths get gradients
