@@ -362,14 +362,17 @@ class SlimmableExperts(nn.Module):
         y = a @ self.c_proj[e, :h, :]                                      # (n, C)
         return y + self.b_proj[e] if self.b_proj is not None else y
 
-    def forward_grouped(self, x, counts, hs, expert, mask=None, split_rows=512):
+    def forward_grouped(self, x, counts, hs, expert, mask=None, split_rows=None):
         """What `forward` does bucket by bucket, one width at a time: x (n, C) holds rows sorted by (hidden
         units, expert), counts (L, E) the rows of each bucket, hs the L hidden-unit counts (ascending), expert
         (n,) each row's expert, mask (n, H) an optional soft prefix mask. Per width: one grouped matmul pair
         runs every expert on its own contiguous rows (F.grouped_mm), so the matmul calls grow with the number
         of distinct widths, not widths x experts; a width with split_rows rows per expert or more runs expert by
-        expert instead (row_blocks). Returns (n, C)."""
+        expert instead (row_blocks; default 512 on the CPU, never on a GPU, where one grouped kernel runs all
+        experts at once and a kernel per expert would only add launches). Returns (n, C)."""
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if split_rows is None:
+            split_rows = 512 if x.device.type == "cpu" else math.inf
         # F.grouped_mm is not on autocast's list: the Function casts as autocast would cast a matmul
         return GroupedSlimmableFFN.apply(x, self.c_fc, self.b_fc, self.c_proj, self.b_proj, mask,
                                          row_blocks(counts, hs, split_rows), expert, dtype)
