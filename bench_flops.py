@@ -82,11 +82,19 @@ torch.manual_seed(seed)
 member_of = {}   # model name -> the series it belongs to
 families = []
 for part in [p for p in series.split(";") if p.strip()]:
-    label, sep, dirs = part.rpartition(":")
-    dirs = [d for d in dirs.split(",") if d]
-    if not sep or not label.strip() or not dirs:
+    label, sep, dirs = part.rpartition(":")   # a label may hold commas; no dir may hold ':' or ';'
+    label, dirs = label.strip(), [d.strip() for d in dirs.split(",") if d.strip()]
+    if not sep or not label or not dirs:
         fail(f"--series takes 'label:dir,dir;label:dir,...', got '{part}'")
-    families.append((label.strip(), dirs))
+    if label in [l for l, _ in families]:
+        fail(f"--series has two series labelled '{label}': give each its own label")
+    families.append((label, dirs))
+for label, dirs in families:
+    for d in dirs:
+        name = os.path.basename(os.path.normpath(d))
+        if member_of.get(name, label) != label:
+            fail(f"{d} is in two series ('{member_of[name]}', '{label}'): a model is one point of one series")
+        member_of[name] = label
 models, paths = {}, {}
 swept = [out_dir] + [c for c in compare.split(",") if c]   # every dial of these; a series member alone: one point
 for d in swept + [d for _, dirs in families for d in dirs]:
@@ -100,8 +108,6 @@ for d in swept + [d for _, dirs in families for d in dirs]:
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     models[name], paths[name] = (model.eval(), ckpt), d
-for label, dirs in families:
-    member_of.update({os.path.basename(os.path.normpath(d)): label for d in dirs})
 one_point = set(member_of) - {os.path.basename(os.path.normpath(d)) for d in swept}
 main_name = next(iter(models))
 main_model, main_ckpt = models[main_name]

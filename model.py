@@ -249,9 +249,14 @@ def expert_matmul(x, w, counts, grouped):
     return torch.cat([rows @ we for rows, we in zip(x.split(counts), w.unbind(0))])   # unbind: one backward
 
 
-def expert_matmul_weight_grad_(g, x, dy, counts):
+def expert_matmul_weight_grad_(g, x, dy, counts, grouped=False):
     """expert_matmul's weight gradient, added in place: g[e] += x_e^T @ dy_e over each expert's rows. g may be a
-    slice of a bigger buffer (the first h hidden units): BLAS accumulates into it with no buffer of its own."""
+    slice of a bigger buffer (the first h hidden units). On the CPU, expert by expert: BLAS accumulates into the
+    slice with no buffer of its own. With grouped (a GPU): one grouped matmul for all experts, then one add."""
+    if grouped:
+        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+        g.add_(F.grouped_mm(x.t(), dy, offs=offs))                               # (E, K, M)
+        return
     for ge, xe, de in zip(g.unbind(0), x.split(counts), dy.split(counts)):
         if ge.dtype == xe.dtype:
             ge.addmm_(xe.t(), de)
@@ -304,31 +309,38 @@ class GroupedSlimmableFFN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, w_fc, w_proj, mask, expert, *saved = ctx.saved_tensors
-        gy = gy.to(x.dtype)                                                      # (n_total, C)
+        need_x, need_fc, need_bfc, need_proj, need_bproj, need_mask = ctx.needs_input_grad[:6]   # fit_ttt: frozen
+        gy = gy.to(x.dtype).contiguous()                                         # (n_total, C)
         acc = torch.promote_types(ctx.param_dtype, torch.float32)   # bf16 weights: sum their gradients in fp32
-        g_fc, g_proj = torch.zeros(w_fc.shape, dtype=acc, device=x.device), torch.zeros(w_proj.shape, dtype=acc,
-                                                                                         device=x.device)
-        g_bfc = torch.zeros(w_fc.shape[0], w_fc.shape[2], dtype=acc, device=x.device) if ctx.biases[0] else None
-        g_mask = torch.zeros_like(mask) if mask is not None and ctx.needs_input_grad[5] else None
-        gx, start = torch.empty_like(x), 0
+        zeros = lambda *shape: torch.zeros(shape, dtype=acc, device=x.device)
+        g_fc = zeros(*w_fc.shape) if need_fc else None
+        g_proj = zeros(*w_proj.shape) if need_proj else None
+        g_bfc = zeros(w_fc.shape[0], w_fc.shape[2]) if need_bfc else None
+        g_mask = torch.zeros_like(mask) if mask is not None and need_mask else None
+        gx, start = torch.empty_like(x) if need_x else None, 0
         for (h, counts), pre, a in zip(ctx.blocks, saved[0::2], saved[1::2]):
             n, grouped = pre.size(0), grouped_mm_runs(x, *w_fc.shape[1:], h)
+            on_gpu = grouped and x.device.type != "cpu"   # there: weight gradients as one grouped matmul too
             sl = slice(start, start + n)
-            am = a * mask[sl, :h].to(a.dtype) if mask is not None else a
-            expert_matmul_weight_grad_(g_proj[:, :h, :], am, gy[sl], counts)     # c_proj[e, :h] += am^T @ gy
+            start += n
+            if g_proj is not None:                                               # c_proj[e, :h] += am^T @ gy
+                am = a * mask[sl, :h].to(a.dtype) if mask is not None else a
+                expert_matmul_weight_grad_(g_proj[:, :h, :], am, gy[sl], counts, on_gpu)
+            if not (need_x or need_fc or need_bfc or g_mask is not None):
+                continue
             ga = expert_matmul(gy[sl], w_proj[:, :h, :].transpose(1, 2), counts, grouped)   # (n, h)
             if mask is not None:
                 if g_mask is not None:
                     g_mask[sl, :h] = (ga * a).to(g_mask.dtype)
                 ga = ga * mask[sl, :h].to(ga.dtype)
             gpre = torch.ops.aten.gelu_backward(ga, pre)                         # (n, h)
-            expert_matmul_weight_grad_(g_fc[:, :, :h], x[sl], gpre, counts)      # c_fc[e, :, :h] += x^T @ gpre
+            if g_fc is not None:                                                 # c_fc[e, :, :h] += x^T @ gpre
+                expert_matmul_weight_grad_(g_fc[:, :, :h], x[sl], gpre, counts, on_gpu)
             if g_bfc is not None:
                 g_bfc[:, :h].index_add_(0, expert[sl], gpre.to(acc))
-            gx[sl] = expert_matmul(gpre, w_fc[:, :, :h].transpose(1, 2), counts, grouped)   # (n, C)
-            start += n
-        g_bproj = torch.zeros(w_proj.shape[0], w_proj.shape[2], dtype=acc, device=x.device).index_add_(
-            0, expert, gy.to(acc)) if ctx.biases[1] else None
+            if gx is not None:
+                gx[sl] = expert_matmul(gpre, w_fc[:, :, :h].transpose(1, 2), counts, grouped)   # (n, C)
+        g_bproj = zeros(w_proj.shape[0], w_proj.shape[2]).index_add_(0, expert, gy.to(acc)) if need_bproj else None
         cast = lambda g: None if g is None else g.to(ctx.param_dtype)
         return gx, cast(g_fc), cast(g_bfc), cast(g_proj), cast(g_bproj), g_mask, None, None, None
 

@@ -94,6 +94,8 @@ def test_printed_frontier_is_the_non_dominated_set(bench):
     (["--policy=uniform"], "unknown config key 'policy'"),
     (["--dtype=float64"], "dtype must be auto, float32, bfloat16, float16; got 'float64'"),
     (["--series=out-a,out-b"], "--series takes 'label:dir,dir;label:dir,...'"),
+    (["--series=a:out-x;a:out-y"], "--series has two series labelled 'a'"),
+    (["--series=a:out-x;b:out-x"], "out-x is in two series ('a', 'b')"),
 ])
 def test_bad_flags_are_one_clear_line(checkpoints, args, message):
     p = run("bench_flops.py", f"--out_dir={checkpoints / 'mose'}", *args)
@@ -107,7 +109,7 @@ def test_series_is_one_point_per_model_and_one_line(checkpoints, tmp_path):
     path, plot = tmp_path / "rows.json", tmp_path / "curve.png"
     has_plt = importlib.util.find_spec("matplotlib") is not None
     p = run("bench_flops.py", f"--out_dir={checkpoints / 'mose'}", f"--compare={checkpoints / 'moe'}",
-            f"--series=one per size:{checkpoints / 'moe'},{checkpoints / 'dense'}", "--quick=True",
+            f"--series=one per size: {checkpoints / 'moe'}, {checkpoints / 'dense'}", "--quick=True",
             "--eval_tokens=4096", "--ttt_batches=2", f"--json={path}", *([f"--plot={plot}"] if has_plt else []))
     assert p.returncode == 0, p.stderr[-2000:]
     rows = json.load(open(path))

@@ -128,6 +128,43 @@ def test_expert_by_expert_blocks_match(monkeypatch, split_rows):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_weight_gradient_grouped_and_in_place_agree():
+    # the GPU's one grouped matmul and the CPU's per-expert addmm_ into a slice of one buffer (empty expert included)
+    x, dy, counts = torch.randn(10, 32), torch.randn(10, 16), [3, 0, 7]
+    looped, grouped = torch.ones(3, 32, 24), torch.ones(3, 32, 24)
+    model_module.expert_matmul_weight_grad_(looped[:, :, :16], x, dy, counts)
+    model_module.expert_matmul_weight_grad_(grouped[:, :, :16], x, dy, counts, grouped=True)
+    ref = torch.stack([x[:3].t() @ dy[:3], torch.zeros(32, 16), x[3:].t() @ dy[3:]]) + 1
+    for g in (looped, grouped):
+        torch.testing.assert_close(g[:, :, :16], ref)
+        assert (g[:, :, 16:] == 1).all()                           # past the slice: untouched
+
+
+def test_frozen_weights_and_a_strided_output_gradient():
+    # fit_ttt freezes the weights (their gradients are skipped); a caller may hand back an expanded gradient
+    layer = layer_for(bias=True, width_multiple=4)
+    x = torch.randn(24, 32)
+    expert_idx, gates = routing(24, 2, 4)
+    h = layer.experts.h(widths_for("random", gates))
+    ref = run_all(layer, x, expert_idx, gates, h)["loop"][1]          # input gradient, weights trainable
+    layer.zero_grad()
+    layer.requires_grad_(False)
+    xx = x.clone().requires_grad_()
+    y = layer.dispatch(xx, expert_idx, gates, h)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    assert all(p.grad is None for p in layer.parameters())
+    torch.testing.assert_close(xx.grad, ref, rtol=1e-4, atol=1e-5)
+    layer.requires_grad_(True)
+    rows, expert = torch.randn(48, 32), torch.arange(4).repeat_interleave(12)
+    grads = []
+    for fn in (lambda r: layer.experts.forward_grouped(r, [[12, 12, 12, 12]], [64], expert),
+               lambda r: torch.cat([layer.experts(r[12 * e:12 * (e + 1)], e, 64) for e in range(4)])):
+        r = rows.clone().requires_grad_()
+        fn(r).sum().backward()                                          # sum's gradient: an expanded (0, 0) view
+        grads.append(r.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
 def test_row_blocks():
     counts, hs = [[3, 0, 1], [8, 6, 0]], [16, 32]
     assert model_module.row_blocks(counts, hs, 5) == [(16, [3, 0, 1]), (32, [8, 0, 0]), (32, [0, 6, 0])]
