@@ -78,7 +78,9 @@ except ValueError as e:
 device, device_type, dtype, ctx = setup_device(device, dtype)
 torch.manual_seed(seed)
 
-# the models: the MoSE checkpoint first, then the baselines, then the members of each series
+# the models: the MoSE checkpoint first, then the baselines, then the members of each series; a model is
+# named by its dir's last part
+name_of = lambda d: os.path.basename(os.path.normpath(d))
 member_of = {}   # model name -> the series it belongs to
 families = []
 for part in [p for p in series.split(";") if p.strip()]:
@@ -91,14 +93,14 @@ for part in [p for p in series.split(";") if p.strip()]:
     families.append((label, dirs))
 for label, dirs in families:
     for d in dirs:
-        name = os.path.basename(os.path.normpath(d))
+        name = name_of(d)
         if member_of.get(name, label) != label:
             fail(f"{d} is in two series ('{member_of[name]}', '{label}'): a model is one point of one series")
         member_of[name] = label
 models, paths = {}, {}
 swept = [out_dir] + [c for c in compare.split(",") if c]   # every dial of these; a series member alone: one point
 for d in swept + [d for _, dirs in families for d in dirs]:
-    name = os.path.basename(os.path.normpath(d))
+    name = name_of(d)
     if name in paths:   # a model may be in --compare and in a series (the full-size MoE among the sizes)
         if os.path.realpath(paths[name]) != os.path.realpath(d):
             fail(f"two checkpoint dirs are named {name} ({paths[name]}, {d}): give each model a dir of its own name")
@@ -108,7 +110,7 @@ for d in swept + [d for _, dirs in families for d in dirs]:
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     models[name], paths[name] = (model.eval(), ckpt), d
-one_point = set(member_of) - {os.path.basename(os.path.normpath(d)) for d in swept}
+one_point = set(member_of) - {name_of(d) for d in swept}
 main_name = next(iter(models))
 main_model, main_ckpt = models[main_name]
 data_dir = data_dir or main_ckpt["config"]["data_dir"]
@@ -219,9 +221,15 @@ def trained_k(model):
     return model.config.k_exp if model.config.n_exp else None
 
 
+def as_trained(name):
+    """The index of the row of model `name` at full width and its training k (None if it has none)."""
+    return next((i for i, r in enumerate(rows) if r["model"] == name and r["policy"] != "confidence"
+                 and r["width"] == 1.0 and r["k_exp"] == trained_k(models[name][0])), None)
+
+
 def add_row(name, policy, width, k_exp, gamma=None, budget=None):
     model = models[name][0]
-    k = (k_exp or model.config.k_exp) if model.config.n_exp else None
+    k = k_exp or trained_k(model)
     result, per_seq = evaluate(model, width if model.config.n_exp else None, k)
     row = dict(model=name, series=member_of.get(name), policy=policy,
                width=width if isinstance(width, (float, list)) else getattr(width, "Gamma", None),
@@ -363,8 +371,7 @@ for name, (model, _) in models.items():
                   f"{main_name}'s {m['policy']} w={w} k={m['k_exp']} at {m['val_loss']:.4f} saves "
                   f"{1 - m['expert_flops_per_token'] / r['expert_flops_per_token']:+.1%} of expert FLOPs, "
                   f"{1 - m['flops_per_token'] / r['flops_per_token']:+.1%} of total FLOPs")
-    ref = next((i for i, r in enumerate(rows) if r["model"] == name and r["policy"] != "confidence"
-                and r["width"] == 1.0 and r["k_exp"] == trained_k(model)), None)
+    ref = as_trained(name)
     mine = next(i for i, r in enumerate(rows) if r["model"] == main_name and r["width"] == 1.0
                 and r["k_exp"] == main_model.config.k_exp and r["policy"] == "uniform")
     print(f"  at full width: {main_name} - {name} = {paired_difference(mine, ref)} "
@@ -437,8 +444,8 @@ if plot:   # matplotlib was imported at start-up, so a missing package never cos
         if len(f) > 1:
             ax.plot([r["flops_per_token"] / 1e6 for r in f], [r["val_loss"] for r in f], "--", color=f"C{n}", lw=1)
     for n, (label, _) in enumerate(families, start=len(solo)):   # a series: one point per model, joined
-        rs = sorted((r for r in rows if r["series"] == label and r["width"] == 1.0 and r["policy"] in ("uniform", "dense")
-                     and r["k_exp"] == trained_k(models[r["model"]][0])), key=lambda r: r["flops_per_token"])
+        rs = sorted((rows[as_trained(name)] for name, l in member_of.items() if l == label),
+                    key=lambda r: r["flops_per_token"])
         ax.plot([r["flops_per_token"] / 1e6 for r in rs], [r["val_loss"] for r in rs], "s-", color=f"C{n}", lw=1,
                 ms=5, label=f"{label} ({len(rs)} models)")
     # the interesting part: up to 0.6 nats above the best point (a narrow, untrained width is far worse)

@@ -281,10 +281,11 @@ def row_blocks(counts, hs, split_rows):
 
 class GroupedSlimmableFFN(torch.autograd.Function):
     """SlimmableExperts.forward_grouped: the forward is the arithmetic of SlimmableExperts.forward, one block of
-    rows at a time (a width; see row_blocks), and the backward is written out. Autograd's own backward gives each width's weight slice an (E, C, h)
-    gradient of its own, zero-filled and then added into the weight's gradient: at 16 distinct widths (the
-    confidence policy) that memory traffic cost half as much as the matmuls. Here each (width, expert) block adds
-    its weight gradient straight into one buffer. Tested against autograd through dispatch_loop."""
+    rows at a time (a width; see row_blocks), and the backward is written out. Autograd's own backward gives
+    each width's weight slice an (E, C, h) gradient of its own, zero-filled and then added into the weight's
+    gradient: at 16 distinct widths (the confidence policy) that memory traffic cost half as much as the
+    matmuls. Here each (width, expert) block adds its weight gradient straight into one buffer. Tested against
+    autograd through dispatch_loop."""
 
     @staticmethod
     def forward(ctx, x, c_fc, b_fc, c_proj, b_proj, mask, blocks, expert, dtype):
