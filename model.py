@@ -5,7 +5,9 @@ Read top to bottom:
   1. GPTConfig                  every knob, one line each
   2. CausalSelfAttention, MLP    the dense parts, as in nanoGPT (attention is never slimmed)
   3. Router                      fp32 gate -> softmax -> top-k; load-balancing, z and hierarchical losses
-  4. SlimmableExperts            stacked expert weights; expert e at width w runs its first h(w) hidden units
+  4. SlimmableExperts            stacked expert weights; expert e at width w runs its first h(w) hidden units;
+                                 GroupedSlimmableFFN, their fast path: one grouped matmul pair per width, with
+                                 the backward written out so that every width adds into one weight gradient
   5. MoSELayer                   dropless sort-based dispatch: route -> widths -> sort -> run -> combine;
                                  `dispatch` runs one grouped matmul pair per width, `dispatch_loop` (the
                                  explanation and test reference) one matmul pair per (width, expert) bucket
