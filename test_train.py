@@ -154,15 +154,35 @@ def test_truncated_checkpoint_fails_clearly_and_atomic_save_keeps_the_old_one(da
     assert len(p.stderr.strip().splitlines()) == 1 and "not a usable checkpoint" in p.stderr
 
 
-def test_ddp_two_processes_equal_one_process(data_dir, tmp_path):
+@pytest.mark.parametrize("extra", [
+    ["--k_sampling=layer", "--moe_stride=1", "--k_max=3"],
+    # the router has no gradient in the step's last pass: DDP must still average the first pass's
+    ["--width_sampling=fixed", "--fixed_widths=(1.0,0.5)", "--detach_router=True"],
+])
+def test_ddp_two_processes_equal_one_process(data_dir, tmp_path, extra):
     # 2 gloo processes with 1 micro-batch each see exactly the batches of 1 process with 2 micro-batches
-    common = ["--max_iters=4", "--eval_interval=4", "--gradient_accumulation_steps=2", "--k_sampling=layer",
-              "--moe_stride=1", "--k_max=3"]
+    common = ["--max_iters=4", "--eval_interval=4", "--gradient_accumulation_steps=2", *extra]
     train(data_dir, tmp_path / "single", *common)
     train(data_dir, tmp_path / "ddp", *common, torchrun=True)
     a = torch.load(tmp_path / "single" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_detach_router_leaves_the_router_to_the_widest_pass(data_dir, tmp_path):
+    # one step without clipping: with detach_router the router's update is the full-width pass's alone
+    def weights(name, *extra):
+        train(data_dir, tmp_path / name, "--max_iters=1", "--eval_interval=1", "--grad_clip=0",
+              "--width_sampling=fixed", *extra)
+        return torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"]
+    full = weights("full", "--fixed_widths=(1.0,)")
+    detached = weights("detached", "--fixed_widths=(1.0,0.5)", "--detach_router=True")
+    both = weights("both", "--fixed_widths=(1.0,0.5)")
+    routers = [k for k in full if k.endswith("router.w_g.weight")]
+    assert routers and all(torch.equal(full[k], detached[k]) for k in routers)
+    assert not all(torch.equal(full[k], both[k]) for k in routers)
+    # the narrow pass still trains the experts and the trunk
+    assert not torch.equal(full["transformer.wte.weight"], detached["transformer.wte.weight"])
 
 
 def test_upcycling_a_dense_checkpoint(data_dir, tmp_path):
@@ -199,6 +219,7 @@ def test_upcycling_a_dense_checkpoint(data_dir, tmp_path):
     (["--eval_widths=(1.0,1.5)"], "eval_widths values must be in (0, 1], got 1.5"),
     (["--width_sampling=fixed", "--fixed_widths=()"], "give at least one"),
     (["--eval_interval=0"], "must be >= 1"),
+    (["--width_sampling=random_pair", "--detach_router=True"], "width_sampling='random_pair' has one pass"),
     (["--k_exp=5"], "k_exp must be in [1, n_exp=4]"),
     (["--dataset=nope"], "python prepare_data.py nope"),
     (["config/does_not_exist.py"], "cannot read config file"),

@@ -73,6 +73,8 @@ width_grid = 0.0                # > 0: random widths snapped to this grid (e.g. 
 fixed_widths = (1.0, 0.5)       # the widths of width_sampling='fixed'
 width_per_layer = False         # each MoE layer draws its own random width
 distill_weight = 0.0            # in-place distillation of narrower widths from the widest (detached)
+detach_router = False           # passes after the first (the narrower ones of max_random, sandwich, fixed) leave
+                                # the router's weights alone: only the widest pass trains them
 width_data = "same"             # 'same': every width trains on the step's batch (slimmable networks, the
                                 # MoSE paper); 'fresh': each width draws its own batch (more text per step)
 # elastic top-k
@@ -131,6 +133,10 @@ if not 0 < top_p <= 1:
     fail(f"top_p (the probability mass of k_sampling='top_p') must be in (0, 1], got {top_p}")
 if k_sampling == "top_p" and (k_min != 1 or k_pool):
     fail("k_sampling='top_p' gives each token 1 to k_max experts by probability: leave k_min at 1 and k_pool at 0")
+one_pass = width_sampling in ("random_step", "none") or width_sampling == "random_pair" and not distill_weight
+if detach_router and one_pass:
+    fail(f"detach_router acts on the passes after the first, and width_sampling='{width_sampling}' has one pass: "
+         "use max_random, sandwich or fixed")
 if width_sampling == "fixed" and not fixed_widths:
     fail("width_sampling='fixed' trains the widths in fixed_widths: give at least one, e.g. --fixed_widths=1.0,0.5")
 if min(eval_interval, log_interval, eval_iters, batch_size, block_size, gradient_accumulation_steps) < 1 or max_iters < 0:
@@ -399,8 +405,11 @@ raw_model = model   # evaluation and checkpoints always use the plain, unwrapped
 if compile:
     print("compiling the model... (takes a minute)")
     model = torch.compile(model)
-if ddp:
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
+if ddp:   # a router left alone by the step's last pass has no gradient there: DDP must look for it
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None,
+                find_unused_parameters=detach_router)
+# the issue-9 hypothesis that the narrow passes pull the router away from what the full width needs
+router_weights = [m.router.w_g.weight for m in raw_model.modules() if isinstance(m, MoSELayer)]
 
 
 # -----------------------------------------------------------------------------
@@ -611,6 +620,8 @@ while True:
         teacher = None
         for i, width in enumerate(widths):
             X, Y = batches[i][micro_step]
+            for w in router_weights if detach_router else ():
+                w.requires_grad_(i == 0)   # the trunk still learns through the gates; the router's weights do not
             if ddp:   # sync gradients only on the very last backward of the step (flat, instead of no_sync())
                 model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1 and i == len(widths) - 1
             with ctx:
