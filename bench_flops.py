@@ -1,7 +1,7 @@
 """
 The accuracy-compute curve: validation loss against forward FLOPs per token, for one trained MoSE model at
-many operating points (uniform widths, k_exp, width x k, the confidence policy, ttt at FLOPs budgets), next
-to the baselines' points (a plain MoE over its k_exp and width dials, a dense GPT).
+many operating points (uniform widths, k_exp, width x k, top-p routing, the confidence policy, ttt at FLOPs
+budgets), next to the baselines' points (a plain MoE over its k_exp, width and top-p dials, a dense GPT).
 
     python bench_flops.py --out_dir=out-shakespeare-mose --compare=out-shakespeare-moe,out-shakespeare-dense
     python bench_flops.py ... --series="one MoE per size:out-moe-h192,out-moe-h128,out-moe-h64"
@@ -48,6 +48,10 @@ ttt_batches = 50                   # the paper: 50 batches of 6 sequences, SGD l
 ttt_batch_size = 6
 ttt_lr = 0.01
 ttt_per_layer = False              # one gamma per MoE layer instead of one for the model
+top_ps = ()                        # Matryoshka MoE's top-p dial, for every model with experts: each token takes
+                                   # experts by probability until their mass reaches p, e.g. (0.5, 0.7, 0.9)
+top_p_k = 0                        # ... and at most this many; 0 = each model's own k_max (its k_exp unless it
+                                   # trained with k_sampling)
 w_min = 0.25
 quick = False                      # a handful of points (CI smoke test)
 json_path = ""                     # --json_path=rows.json (also accepted as --json=rows.json)
@@ -73,6 +77,9 @@ try:
     for b in (*conf_budgets, *ttt_budgets):
         if not w_min <= b <= 1:
             raise ValueError(f"budgets must be in [w_min={w_min}, 1] (fractions of full-width expert FLOPs), got {b}")
+    for p in top_ps:
+        if not 0 < p <= 1:
+            raise ValueError(f"top_ps are probability masses in (0, 1], got {p}")
 except ValueError as e:
     fail(str(e))
 device, device_type, dtype, ctx = setup_device(device, dtype)
@@ -119,6 +126,8 @@ T = main_model.config.block_size
 for name, (m, _) in models.items():
     if m.config.block_size != T:
         fail(f"{name} has block_size {m.config.block_size}, {main_name} {T}: compare models of one context length")
+    if top_ps and m.config.n_exp and top_p_k > m.config.n_exp:
+        fail(f"--top_p_k={top_p_k} is more experts than {name} has (n_exp={m.config.n_exp})")
 # --width / --k_exp: one operating point with a width and a k per MoE layer of the main model, checked now
 per_layer_point = None
 if width or k_exp:
@@ -188,28 +197,32 @@ for name, (_, ckpt) in models.items():
 
 
 @torch.no_grad()
-def evaluate(model, width, k_exp):
-    """Mean validation loss, its standard error over the windows, spent FLOPs/token, forward tokens/s."""
-    seq_losses, expert_flops, seconds = [], [], 0.0
+def evaluate(model, width, k_exp, top_p=None):
+    """Mean validation loss, its standard error over the windows, spent FLOPs/token, experts/token, forward
+    tokens/s."""
+    seq_losses, expert_flops, experts, seconds = [], [], [], 0.0
     with ctx:
-        model(*val_batches[0], width=width, k_exp=k_exp)   # warm-up, untimed: first calls allocate
+        model(*val_batches[0], width=width, k_exp=k_exp, top_p=top_p)   # warm-up, untimed: first calls allocate
     for x, y in val_batches:
         if device_type == "cuda":
             torch.cuda.synchronize()
         t0 = time.time()
         with ctx:
-            out = model(x, y, width=width, k_exp=k_exp)
+            out = model(x, y, width=width, k_exp=k_exp, top_p=top_p)
         if device_type == "cuda":
             torch.cuda.synchronize()
         seconds += time.time() - t0
         ce = F.cross_entropy(out.logits.float().transpose(1, 2), y, reduction="none")   # (B, T)
         seq_losses.append(ce.mean(dim=1).cpu())
         expert_flops.append(out.stats["expert_flops"].item() * x.size(0))
+        per_layer = out.stats["experts_per_token"]   # used experts per token, one value per MoE layer
+        experts.append(sum(per_layer) / len(per_layer) * x.size(0) if per_layer else 0.0)
     seq_losses = torch.cat(seq_losses).double()
     expert = sum(expert_flops) / len(seq_losses)
     total = model.flops_breakdown(1.0, k_exp)["non_expert"] + expert
     return dict(val_loss=seq_losses.mean().item(), val_loss_stderr=(seq_losses.std() / math.sqrt(len(seq_losses))).item(),
                 flops_per_token=total, expert_flops_per_token=expert,
+                experts_per_token=sum(experts) / len(seq_losses) if model.config.n_exp else None,
                 tokens_per_s=len(seq_losses) * T / seconds), seq_losses
 
 
@@ -223,17 +236,17 @@ def trained_k(model):
 
 def as_trained(name):
     """The index of the row of model `name` at full width and its training k (None if it has none)."""
-    return next((i for i, r in enumerate(rows) if r["model"] == name and r["policy"] != "confidence"
+    return next((i for i, r in enumerate(rows) if r["model"] == name and r["policy"] in ("uniform", "dense")
                  and r["width"] == 1.0 and r["k_exp"] == trained_k(models[name][0])), None)
 
 
-def add_row(name, policy, width, k_exp, gamma=None, budget=None):
+def add_row(name, policy, width, k_exp, gamma=None, budget=None, top_p=None):
     model = models[name][0]
     k = k_exp or trained_k(model)
-    result, per_seq = evaluate(model, width if model.config.n_exp else None, k)
+    result, per_seq = evaluate(model, width if model.config.n_exp else None, k, top_p)
     row = dict(model=name, series=member_of.get(name), policy=policy,
                width=width if isinstance(width, (float, list)) else getattr(width, "Gamma", None),
-               k_exp=k, gamma=gamma, budget=budget, train_flops=train_flops[name], **result,
+               k_exp=k, gamma=gamma, budget=budget, top_p=top_p, train_flops=train_flops[name], **result,
                rel_flops=result["flops_per_token"] / reference["total"],
                rel_expert_flops=result["expert_flops_per_token"] / reference["experts"] if reference["experts"] else None)
     rows.append(row)
@@ -241,9 +254,13 @@ def add_row(name, policy, width, k_exp, gamma=None, budget=None):
     print(format_row(row), flush=True)
 
 
+def policy_name(r):
+    return r["policy"] if r["top_p"] is None else f"top_p {r['top_p']:g}"
+
+
 def format_row(r):
     fmt = lambda v, f: "-" if v is None else (f.format(v) if not isinstance(v, list) else "/".join(f"{x:.2f}" for x in v))
-    return (f"{r['model'][:24]:<24} {r['policy']:<10} {fmt(r['width'], '{:.3f}'):>6} {fmt(r['k_exp'], '{:d}'):>3} "
+    return (f"{r['model'][:24]:<24} {policy_name(r):<10} {fmt(r['width'], '{:.3f}'):>6} {fmt(r['k_exp'], '{:d}'):>3} "
             f"{fmt(r['gamma'], '{:.2f}'):>6} {fmt(r['budget'], '{:.2f}'):>6} {r['flops_per_token'] / 1e6:9.3f} "
             f"{r['rel_flops']:6.3f} {r['expert_flops_per_token'] / 1e6:9.3f} {fmt(r['rel_expert_flops'], '{:.3f}'):>6} "
             f"{r['val_loss']:7.4f} ±{r['val_loss_stderr']:.4f} {math.exp(r['val_loss']):7.3f} {r['tokens_per_s']:9,.0f}")
@@ -278,6 +295,10 @@ for name, (model, ckpt) in models.items():
         for k in range(1, min(n_exp, 2 * k_train) + 1):
             if k != k_train:
                 add_row(name, "uniform", float(w), k)
+    sampled_k = ckpt["config"].get("k_sampling", "none") != "none"
+    k_most = min(top_p_k or (sampled_k and ckpt["config"].get("k_max")) or k_train, n_exp)
+    for p in top_ps:                                           # top-p routing at full width, at most k_most experts
+        add_row(name, "top_p", 1.0, k_most, top_p=float(p))
     if name == main_name and per_layer_point:                  # --width / --k_exp: one of each per MoE layer
         add_row(name, "per_layer", *per_layer_point)
     if name != main_name:   # the policies are MoSE's: baselines get the dials they have
@@ -353,7 +374,7 @@ for name, (model, _) in models.items():
     for r in frontier(base):
         need = flops_to_reach(main_front, r["val_loss"], "flops_per_token")
         need_e = flops_to_reach(main_front, r["val_loss"], "expert_flops_per_token")
-        point = f"  {r['policy']} w={r['width']:g} k={r['k_exp'] or '-'}: loss {r['val_loss']:.4f} at " \
+        point = f"  {policy_name(r)} w={r['width']:g} k={r['k_exp'] or '-'}: loss {r['val_loss']:.4f} at " \
                 f"{r['flops_per_token'] / 1e6:.3f} MFLOPs/token"
         if need is None:
             print(f"{point}; {main_name} never reaches this loss")
@@ -367,8 +388,8 @@ for name, (model, _) in models.items():
             m = min(near, key=lambda m: m["expert_flops_per_token"])
             w = "/".join(f"{x:g}" for x in m["width"]) if isinstance(m["width"], list) else \
                 "-" if m["width"] is None else f"{m['width']:.3g}"
-            print(f"  within {match_tol:g} of {r['policy']} w={r['width']:g} k={r['k_exp']} ({r['val_loss']:.4f}): "
-                  f"{main_name}'s {m['policy']} w={w} k={m['k_exp']} at {m['val_loss']:.4f} saves "
+            print(f"  within {match_tol:g} of {policy_name(r)} w={r['width']:g} k={r['k_exp']} ({r['val_loss']:.4f}): "
+                  f"{main_name}'s {policy_name(m)} w={w} k={m['k_exp']} at {m['val_loss']:.4f} saves "
                   f"{1 - m['expert_flops_per_token'] / r['expert_flops_per_token']:+.1%} of expert FLOPs, "
                   f"{1 - m['flops_per_token'] / r['flops_per_token']:+.1%} of total FLOPs")
     ref = as_trained(name)
@@ -424,15 +445,16 @@ for budget, s, t, g in sides:
           f"{setting(rows[g])} {rows[g]['val_loss']:.4f}; search - best of grid = {paired_difference(s, g)}")
 
 if json_path:
-    keys = ("model", "series", "train_flops", "policy", "width", "k_exp", "gamma", "budget", "flops_per_token",
-            "expert_flops_per_token", "rel_flops", "rel_expert_flops", "val_loss", "val_loss_stderr", "tokens_per_s")
+    keys = ("model", "series", "train_flops", "policy", "width", "k_exp", "gamma", "budget", "top_p",
+            "flops_per_token", "expert_flops_per_token", "experts_per_token", "rel_flops", "rel_expert_flops",
+            "val_loss", "val_loss_stderr", "tokens_per_s")
     with open(json_path, "w") as f:
         json.dump([{k: r[k] for k in keys} for r in rows], f, indent=1)
     print(f"wrote {len(rows)} rows to {json_path}")
 if plot:   # matplotlib was imported at start-up, so a missing package never costs a finished sweep
     fig, ax = plt.subplots(figsize=(8, 5))
-    markers = {"uniform": "o", "confidence": "^", "ttt": "v", "search": "D", "allocate": "P", "per_layer": "x",
-               "dense": "s"}
+    markers = {"uniform": "o", "top_p": "*", "confidence": "^", "ttt": "v", "search": "D", "allocate": "P",
+               "per_layer": "x", "dense": "s"}
     solo = [name for name in models if name not in one_point]
     for n, name in enumerate(solo):   # one colour per model, one marker per policy, its frontier dashed
         for policy, marker in markers.items():

@@ -1015,21 +1015,22 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, width=None, k_exp=None,
-                 use_cache=True):
-        """Sample max_new_tokens after idx (B, T). With use_cache, keys/values are kept between steps;
-        once the context outgrows block_size the window slides and the cache is rebuilt each step
+                 use_cache=True, route_top_p=None):
+        """Sample max_new_tokens after idx (B, T). top_k is token sampling's; the compute dials are width,
+        k_exp and route_top_p (top-p routing: forward's top_p). With use_cache, keys/values are kept between
+        steps; once the context outgrows block_size the window slides and the cache is rebuilt each step
         (absolute positions shift), which costs the same as no cache. Returns (idx, mean spent FLOPs/token)."""
         cache, flops = None, []
         for _ in range(max_new_tokens):
             window = idx[:, -self.config.block_size:]
             if not use_cache or idx.size(1) > self.config.block_size:
                 cache = None
-                out = self(window, width=width, k_exp=k_exp)                   # no cache: the whole window
+                out = self(window, width=width, k_exp=k_exp, top_p=route_top_p)   # no cache: the whole window
             elif cache is None:
                 cache = self.new_kv_cache()
-                out = self(window, width=width, k_exp=k_exp, kv_cache=cache)   # prefill the cache
+                out = self(window, width=width, k_exp=k_exp, kv_cache=cache, top_p=route_top_p)   # prefill
             else:
-                out = self(idx[:, -1:], width=width, k_exp=k_exp, kv_cache=cache)  # one new token
+                out = self(idx[:, -1:], width=width, k_exp=k_exp, kv_cache=cache, top_p=route_top_p)   # a token
             flops.append(out.stats["flops_per_token"])
             logits = out.logits[:, -1, :] / temperature
             if top_k is not None:

@@ -6,6 +6,7 @@ Sample from a trained model at a chosen compute:
     python sample.py --out_dir=out-shakespeare-mose --width=0.5,1.0 --k_exp=1,2   # one per MoE layer
     python sample.py --out_dir=out-shakespeare-mose --policy=confidence --gamma=2 --width=0.5
     python sample.py --out_dir=out-shakespeare-mose --policy=ttt --budget=0.5     # half the expert FLOPs
+    python sample.py --out_dir=out-shakespeare-mose --route_top_p=0.6             # 1 or 2 experts per token
 
 --budget is a fraction of the full-width expert FLOPs at the k_exp used; the script picks the settings that
 meet it: uniform takes width = budget, confidence fits Gamma on calibration text (random windows of the
@@ -41,6 +42,8 @@ k_exp = (0,)              # experts per token, or one per MoE layer (--k_exp=1,2
 policy = "uniform"        # uniform | confidence | ttt | search (gamma searched) | allocate (a width per MoE layer)
 gamma = 1.0               # confidence policy: sharpness of the router probabilities
 budget = 0.0              # 0 = none; else a fraction in (0, 1] of the full-width expert FLOPs
+route_top_p = 0.0         # > 0: top-p routing (Matryoshka MoE), each token takes experts by probability until
+                          # their mass reaches route_top_p, at most k_exp; 0 = always k_exp
 w_min = 0.25              # confidence / ttt: the narrowest width an expert may get
 ttt_batches = 50          # calibration text for budgets: the paper's 50 batches of 6 sequences, SGD lr 0.01
 ttt_batch_size = 6
@@ -70,6 +73,8 @@ try:
         raise ValueError(f"policy '{policy}' {fitted[policy]} for a FLOPs budget: pass --budget in (0, 1]")
     if budget and width != 1.0:   # both would set the compute; silently preferring one hides a mistake
         raise ValueError("--width and --budget both set the compute: give one of them")
+    if not 0 <= route_top_p <= 1:
+        raise ValueError(f"route_top_p is a probability mass in (0, 1] (0 = off), got {route_top_p}")
     if min(k_exp) < 0:
         raise ValueError(f"k_exp must be >= 1, or 0 for the checkpoint's training value; got {min(k_exp)}")
     check_width(w_min, "w_min")
@@ -96,8 +101,8 @@ except (ValueError, FileNotFoundError) as e:
 model.eval()
 cfg = model.config
 if cfg.n_exp == 0:
-    if width != 1.0 or any(k_exp) or policy != "uniform" or budget:
-        fail("this checkpoint is a dense GPT (n_exp=0): it has no width, k_exp, policy or budget dial")
+    if width != 1.0 or any(k_exp) or policy != "uniform" or budget or route_top_p:
+        fail("this checkpoint is a dense GPT (n_exp=0): it has no width, k_exp, route_top_p, policy or budget dial")
     k = None
 else:
     for name, values in (("width", width), ("k_exp", k_exp)):
@@ -178,7 +183,8 @@ full_k = model.flops_breakdown(1.0, k)     # the expert budget's reference: full
 at_k = "" if k in (None, cfg.k_exp) else f" at k_exp={cfg.k_exp}"
 if cfg.n_exp:
     kind = "width " if isinstance(dial, float) else "widths per MoE layer " if isinstance(dial, list) else ""
-    point = f"policy {policy}, {kind}{dial!r}, k_exp {k}{how}"
+    routing = f", top-p routing {route_top_p:g} (at most k_exp experts)" if route_top_p else ""
+    point = f"policy {policy}, {kind}{dial!r}, k_exp {k}{routing}{how}"
     ref = f"full width{at_k}: {full['total'] / 1e6:.3f} MFLOPs/token ({full['experts'] / 1e6:.3f} in the experts" + \
         (f"; {full_k['experts'] / 1e6:.3f} at k_exp={k}" if at_k else "") + ")"
 else:
@@ -194,7 +200,7 @@ with torch.no_grad(), ctx:
             torch.cuda.synchronize()
         t0 = time.time()
         y, spent = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, width=dial,
-                                  k_exp=k, use_cache=use_cache)
+                                  k_exp=k, use_cache=use_cache, route_top_p=route_top_p or None)
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0

@@ -87,8 +87,31 @@ def test_printed_frontier_is_the_non_dominated_set(bench):
                for line in policies[1:3])
 
 
+def test_top_p_dial(checkpoints, tmp_path):
+    # top-p routing as an inference dial, for every model with experts: at p = 1 every one of the (at most) k
+    # experts is taken, so the row is the top-k row; at a p below any token's top probability (>= 1/n_exp) each
+    # token takes one expert, so it is the top-1 row
+    path = tmp_path / "rows.json"
+    p = run("bench_flops.py", f"--out_dir={checkpoints / 'mose'}", f"--compare={checkpoints / 'moe'},{checkpoints / 'dense'}",
+            "--quick=True", "--eval_tokens=4096", "--ttt_budgets=()", "--conf_budgets=()", "--top_ps=(0.01,1.0)",
+            "--top_p_k=2", f"--json={path}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.load(open(path))
+    assert not [r for r in rows if r["model"] == "dense" and r["policy"] == "top_p"]
+    for name in ("mose", "moe"):
+        top = {r["top_p"]: r for r in rows if r["model"] == name and r["policy"] == "top_p"}
+        k = {r["k_exp"]: r for r in rows if r["model"] == name and r["policy"] == "uniform" and r["width"] == 1.0}
+        assert set(top) == {0.01, 1.0} and all(r["k_exp"] == 2 for r in top.values())
+        for p_, k_ in ((1.0, 2), (0.01, 1)):
+            assert top[p_]["experts_per_token"] == k_ and abs(top[p_]["val_loss"] - k[k_]["val_loss"]) < 1e-6
+            assert abs(top[p_]["expert_flops_per_token"] / k[k_]["expert_flops_per_token"] - 1) < 1e-9
+    assert "top_p 0.01" in p.stdout
+
+
 @pytest.mark.parametrize("args,message", [
     (["--widths=(0.0,)"], "width must be in (0, 1]"),
+    (["--top_ps=(1.5,)"], "top_ps are probability masses in (0, 1], got 1.5"),
+    (["--top_ps=(0.5,)", "--top_p_k=9"], "--top_p_k=9 is more experts than mose has (n_exp=4)"),
     (["--ttt_budgets=(1.5,)"], "budgets must be in"),
     (["--out_dir=/nonexistent"], "no checkpoint at /nonexistent"),
     (["--policy=uniform"], "unknown config key 'policy'"),

@@ -132,6 +132,17 @@ def test_budget_spends_less_than_full_width_and_prompt_from_file(ckpts, tmp_path
     assert ref == f_full
 
 
+def test_route_top_p_is_a_dial(ckpts):
+    # a mass below any token's top probability (>= 1/n_exp) takes one expert per token: top-1 routing exactly,
+    # the same text from the same seed and half the expert FLOPs of k_exp=2
+    tiny, top1 = sample(ckpts, "--route_top_p=0.01"), sample(ckpts, "--k_exp=1")
+    assert tiny.returncode == 0 and top1.returncode == 0, tiny.stderr + top1.stderr
+    assert "top-p routing 0.01" in tiny.stdout
+    text = lambda out: out.split("operating point:")[1].split("\n", 1)[1].split("\nspent ")[0]
+    assert text(tiny.stdout) == text(top1.stdout)
+    assert spent(tiny.stdout)[0] == spent(top1.stdout)[0] and spent(tiny.stdout)[2] == 50.0
+
+
 def test_dense_checkpoint_samples(ckpts):
     p = sample(ckpts, "--start=the", model="dense")
     assert p.returncode == 0, p.stderr
@@ -163,6 +174,8 @@ def test_gpt2_tokenizer(ckpts, request):
     (["--start=FILE:/no/such/prompt.txt"], "cannot read the prompt file", "mose"),
     (["--width=0.5", "--budget=0.5"], "--width and --budget both set the compute", "mose"),
     (["--policy=confidence", "--budget=0.5", "--data_dir=/nowhere"], "no /nowhere/tiny/train.bin", "mose"),
+    (["--route_top_p=1.5"], "route_top_p is a probability mass in (0, 1] (0 = off), got 1.5", "mose"),
+    (["--route_top_p=0.5"], "dense GPT (n_exp=0)", "dense"),
     (["--width=0.5"], "dense GPT (n_exp=0)", "dense"),
     (["--budget=0.5"], "dense GPT (n_exp=0)", "dense"),
     (["--out_dir=/nonexistent"], "no checkpoint at /nonexistent/ckpt.pt", "mose"),
