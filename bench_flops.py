@@ -49,7 +49,8 @@ ttt_batch_size = 6
 ttt_lr = 0.01
 ttt_per_layer = False              # one gamma per MoE layer instead of one for the model
 top_ps = ()                        # Matryoshka MoE's top-p dial, for every model with experts: each token takes
-                                   # experts by probability until their mass reaches p, e.g. (0.5, 0.7, 0.9)
+                                   # experts by probability until their mass reaches p, e.g. (0.5, 0.7, 0.9); at
+                                   # full width and at each of grid_widths
 top_p_k = 0                        # ... and at most this many; 0 = each model's own k_max (its k_exp unless it
                                    # trained with k_sampling)
 w_min = 0.25
@@ -297,8 +298,9 @@ for name, (model, ckpt) in models.items():
                 add_row(name, "uniform", float(w), k)
     sampled_k = ckpt["config"].get("k_sampling", "none") != "none"
     k_most = min(top_p_k or (sampled_k and ckpt["config"].get("k_max")) or k_train, n_exp)
-    for p in top_ps:                                           # top-p routing at full width, at most k_most experts
-        add_row(name, "top_p", 1.0, k_most, top_p=float(p))
+    for w in (1.0, *grid_widths):                              # top-p routing, at most k_most experts, x width
+        for p in top_ps:
+            add_row(name, "top_p", float(w), k_most, top_p=float(p))
     if name == main_name and per_layer_point:                  # --width / --k_exp: one of each per MoE layer
         add_row(name, "per_layer", *per_layer_point)
     if name != main_name:   # the policies are MoSE's: baselines get the dials they have

@@ -99,12 +99,13 @@ def test_top_p_dial(checkpoints, tmp_path):
     rows = json.load(open(path))
     assert not [r for r in rows if r["model"] == "dense" and r["policy"] == "top_p"]
     for name in ("mose", "moe"):
-        top = {r["top_p"]: r for r in rows if r["model"] == name and r["policy"] == "top_p"}
-        k = {r["k_exp"]: r for r in rows if r["model"] == name and r["policy"] == "uniform" and r["width"] == 1.0}
-        assert set(top) == {0.01, 1.0} and all(r["k_exp"] == 2 for r in top.values())
-        for p_, k_ in ((1.0, 2), (0.01, 1)):
-            assert top[p_]["experts_per_token"] == k_ and abs(top[p_]["val_loss"] - k[k_]["val_loss"]) < 1e-6
-            assert abs(top[p_]["expert_flops_per_token"] / k[k_]["expert_flops_per_token"] - 1) < 1e-9
+        for w in (1.0, 0.5):   # full width and the quick grid's width
+            top = {r["top_p"]: r for r in rows if r["model"] == name and r["policy"] == "top_p" and r["width"] == w}
+            k = {r["k_exp"]: r for r in rows if r["model"] == name and r["policy"] == "uniform" and r["width"] == w}
+            assert set(top) == {0.01, 1.0} and all(r["k_exp"] == 2 for r in top.values())
+            for p_, k_ in ((1.0, 2), (0.01, 1)):
+                assert top[p_]["experts_per_token"] == k_ and abs(top[p_]["val_loss"] - k[k_]["val_loss"]) < 1e-6
+                assert abs(top[p_]["expert_flops_per_token"] / k[k_]["expert_flops_per_token"] - 1) < 1e-9
     assert "top_p 0.01" in p.stdout
 
 
