@@ -7,6 +7,7 @@ Sample from a trained model at a chosen compute:
     python sample.py --out_dir=out-shakespeare-mose --policy=confidence --gamma=2 --width=0.5
     python sample.py --out_dir=out-shakespeare-mose --policy=ttt --budget=0.5     # half the expert FLOPs
     python sample.py --out_dir=out-shakespeare-mose --route_top_p=0.6             # 1 or 2 experts per token
+    python sample.py --out_dir=out-shakespeare-mose --width=0.5 --route_top_p=0.5 # both: ~30 % of expert FLOPs
 
 --budget is a fraction of the full-width expert FLOPs at the k_exp used; the script picks the settings that
 meet it: uniform takes width = budget, confidence fits Gamma on calibration text (random windows of the
