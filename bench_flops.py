@@ -368,6 +368,7 @@ print("\nPareto frontier (all models):")
 for r in frontier(rows):
     print("  " + format_row(r))
 main_front = frontier([r for r in rows if r["model"] == main_name])
+mine = as_trained(main_name)   # the main model at full width and its training k
 for name, (model, _) in models.items():
     if name == main_name:
         continue
@@ -395,8 +396,6 @@ for name, (model, _) in models.items():
                   f"{1 - m['expert_flops_per_token'] / r['expert_flops_per_token']:+.1%} of expert FLOPs, "
                   f"{1 - m['flops_per_token'] / r['flops_per_token']:+.1%} of total FLOPs")
     ref = as_trained(name)
-    mine = next(i for i, r in enumerate(rows) if r["model"] == main_name and r["width"] == 1.0
-                and r["k_exp"] == main_model.config.k_exp and r["policy"] == "uniform")
     print(f"  at full width: {main_name} - {name} = {paired_difference(mine, ref)} "
           f"nats (paired over the same {len(seq_losses[mine])} validation windows)")
     # a smaller baseline (e.g. a dedicated MoE with narrower experts): the main model's uniform width that spends

@@ -4,7 +4,9 @@ nanoMoSE: a GPT whose MoE layers have *slimmable* experts (Mixture of Slimmable 
 Read top to bottom:
   1. GPTConfig                  every knob, one line each
   2. CausalSelfAttention, MLP    the dense parts, as in nanoGPT (attention is never slimmed)
-  3. Router                      fp32 gate -> softmax -> top-k; load-balancing, z and hierarchical losses
+  3. Router                      fp32 gate -> softmax -> top-k (or top-p: experts until their mass reaches p,
+                                 Matryoshka MoE's routing and an inference dial); load-balancing, z and
+                                 hierarchical losses
   4. SlimmableExperts            stacked expert weights; expert e at width w runs its first h(w) hidden units;
                                  GroupedSlimmableFFN, their fast path: one grouped matmul pair per width, with
                                  the backward written out so that every width adds into one weight gradient
@@ -242,12 +244,16 @@ def grouped_mm_runs(x, *dims):
                                       and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 
+def group_ends(counts, device):
+    """F.grouped_mm's offs: where each expert's rows end, (E,) int32, from the rows of each expert."""
+    return torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
+
+
 def expert_matmul(x, w, counts, grouped):
     """x (n, K) rows sorted by expert, counts[e] of them for expert e; w (E, K, M). Each expert's rows times
     its own matrix: (n, M). One F.grouped_mm call, or the same as a loop where that kernel does not run."""
     if grouped:
-        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)   # where each expert's rows end
-        return F.grouped_mm(x, w, offs=offs)
+        return F.grouped_mm(x, w, offs=group_ends(counts, x.device))
     return torch.cat([rows @ we for rows, we in zip(x.split(counts), w.unbind(0))])   # unbind: one backward
 
 
@@ -256,8 +262,7 @@ def expert_matmul_weight_grad_(g, x, dy, counts, grouped=False):
     slice of a bigger buffer (the first h hidden units). On the CPU, expert by expert: BLAS accumulates into the
     slice with no buffer of its own. With grouped (a GPU): one grouped matmul for all experts, then one add."""
     if grouped:
-        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-        g.add_(F.grouped_mm(x.t(), dy, offs=offs))                               # (E, K, M)
+        g.add_(F.grouped_mm(x.t(), dy, offs=group_ends(counts, x.device)))       # (E, K, M)
         return
     for ge, xe, de in zip(g.unbind(0), x.split(counts), dy.split(counts)):
         if ge.dtype == xe.dtype:
@@ -306,7 +311,7 @@ class GroupedSlimmableFFN(torch.autograd.Function):
             kept += [pre, a]                 # what autograd would keep: pre for gelu's backward, a for c_proj's
             start += n
         ctx.save_for_backward(x, w_fc, w_proj, mask, expert, *kept)
-        ctx.blocks, ctx.param_dtype, ctx.biases = blocks, c_fc.dtype, (b_fc is not None, b_proj is not None)
+        ctx.blocks, ctx.param_dtype = blocks, c_fc.dtype
         return torch.cat(outs)                                                   # (n_total, C)
 
     @staticmethod
@@ -1022,17 +1027,17 @@ class GPT(nn.Module):
         k_exp and route_top_p (top-p routing: forward's top_p). With use_cache, keys/values are kept between
         steps; once the context outgrows block_size the window slides and the cache is rebuilt each step
         (absolute positions shift), which costs the same as no cache. Returns (idx, mean spent FLOPs/token)."""
-        cache, flops = None, []
+        cache, flops, dials = None, [], dict(width=width, k_exp=k_exp, top_p=route_top_p)
         for _ in range(max_new_tokens):
             window = idx[:, -self.config.block_size:]
             if not use_cache or idx.size(1) > self.config.block_size:
                 cache = None
-                out = self(window, width=width, k_exp=k_exp, top_p=route_top_p)   # no cache: the whole window
+                out = self(window, **dials)                             # no cache: the whole window
             elif cache is None:
                 cache = self.new_kv_cache()
-                out = self(window, width=width, k_exp=k_exp, kv_cache=cache, top_p=route_top_p)   # prefill
+                out = self(window, kv_cache=cache, **dials)             # prefill the cache
             else:
-                out = self(idx[:, -1:], width=width, k_exp=k_exp, kv_cache=cache, top_p=route_top_p)   # a token
+                out = self(idx[:, -1:], kv_cache=cache, **dials)        # one new token
             flops.append(out.stats["flops_per_token"])
             logits = out.logits[:, -1, :] / temperature
             if top_k is not None:

@@ -409,7 +409,8 @@ if ddp:   # a router left alone by the step's last pass has no gradient there: D
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None,
                 find_unused_parameters=detach_router)
 # the issue-9 hypothesis that the narrow passes pull the router away from what the full width needs
-router_weights = [m.router.w_g.weight for m in raw_model.modules() if isinstance(m, MoSELayer)]
+router_weights = [m.router.w_g.weight for m in raw_model.modules() if isinstance(m, MoSELayer)] if detach_router \
+    else []
 
 
 # -----------------------------------------------------------------------------
@@ -620,7 +621,7 @@ while True:
         teacher = None
         for i, width in enumerate(widths):
             X, Y = batches[i][micro_step]
-            for w in router_weights if detach_router else ():
+            for w in router_weights:
                 w.requires_grad_(i == 0)   # the trunk still learns through the gates; the router's weights do not
             if ddp:   # sync gradients only on the very last backward of the step (flat, instead of no_sync())
                 model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1 and i == len(widths) - 1
