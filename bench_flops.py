@@ -1,7 +1,7 @@
 """
 The accuracy-compute curve: validation loss against forward FLOPs per token, for one trained MoSE model at
 many operating points (uniform widths, k_exp, width x k, top-p routing, the confidence policy, ttt at FLOPs
-budgets), next to the baselines' points (a plain MoE over its k_exp, width and top-p dials, a dense GPT).
+budgets, both dials fitted to a budget), next to the baselines' points (a plain MoE over its k_exp, width and top-p dials, a dense GPT).
 
     python bench_flops.py --out_dir=out-shakespeare-mose --compare=out-shakespeare-moe,out-shakespeare-dense
     python bench_flops.py ... --series="one MoE per size:out-moe-h192,out-moe-h128,out-moe-h64"
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import calibration_batches, configure, fail, setup_device
-from model import allocate_budget, check_tokenizer, check_width, load_checkpoint, make_policy
+from model import allocate_budget, check_tokenizer, check_width, fit_width_top_p, load_checkpoint, make_policy
 
 # -----------------------------------------------------------------------------
 out_dir = "out-shakespeare-mose"   # the MoSE checkpoint to sweep
@@ -44,6 +44,8 @@ gammas = (0.0, 1.0, 2.0, 4.0, 8.0) # confidence policy, each fitted to every bud
 conf_budgets = (0.75, 0.5, 0.3)    # also the budgets of 'search' (gamma searched) and 'allocate' (per layer)
 allocate_k = False                 # the allocator may also lower a layer's k, not only its width
 ttt_budgets = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3)
+both_budgets = (0.5, 0.4, 0.3)     # both dials at once, 'width_top_p': a uniform width and the top-p routing mass
+                                   # that meets each budget, the pair searched on calibration text
 ttt_batches = 50                   # the paper: 50 batches of 6 sequences, SGD lr 0.01
 ttt_batch_size = 6
 ttt_lr = 0.01
@@ -72,12 +74,16 @@ if plot:   # check for the optional package now, not after a sweep of many minut
         fail("--plot needs matplotlib: pip install matplotlib")
 if quick:
     widths, grid_widths, gammas, conf_budgets, ttt_budgets, ttt_batches = (1.0, 0.5), (0.5,), (2.0,), (0.5,), (0.5,), 5
+    both_budgets = (0.5,)
 try:
     for w in (*widths, *grid_widths, w_min):
         check_width(w)
     for b in (*conf_budgets, *ttt_budgets):
         if not w_min <= b <= 1:
             raise ValueError(f"budgets must be in [w_min={w_min}, 1] (fractions of full-width expert FLOPs), got {b}")
+    for b in both_budgets:
+        if not 0 < b <= 1:
+            raise ValueError(f"both_budgets must be in (0, 1] (fractions of full-width expert FLOPs), got {b}")
     for p in top_ps:
         if not 0 < p <= 1:
             raise ValueError(f"top_ps are probability masses in (0, 1], got {p}")
@@ -256,12 +262,12 @@ def add_row(name, policy, width, k_exp, gamma=None, budget=None, top_p=None):
 
 
 def policy_name(r):
-    return r["policy"] if r["top_p"] is None else f"top_p {r['top_p']:g}"
+    return f"top_p {r['top_p']:g}" if r["policy"] == "top_p" else r["policy"]
 
 
 def format_row(r):
     fmt = lambda v, f: "-" if v is None else (f.format(v) if not isinstance(v, list) else "/".join(f"{x:.2f}" for x in v))
-    return (f"{r['model'][:24]:<24} {policy_name(r):<10} {fmt(r['width'], '{:.3f}'):>6} {fmt(r['k_exp'], '{:d}'):>3} "
+    return (f"{r['model'][:24]:<24} {policy_name(r):<11} {fmt(r['width'], '{:.3f}'):>6} {fmt(r['k_exp'], '{:d}'):>3} "
             f"{fmt(r['gamma'], '{:.2f}'):>6} {fmt(r['budget'], '{:.2f}'):>6} {r['flops_per_token'] / 1e6:9.3f} "
             f"{r['rel_flops']:6.3f} {r['expert_flops_per_token'] / 1e6:9.3f} {fmt(r['rel_expert_flops'], '{:.3f}'):>6} "
             f"{r['val_loss']:7.4f} ±{r['val_loss_stderr']:.4f} {math.exp(r['val_loss']):7.3f} {r['tokens_per_s']:9,.0f}")
@@ -277,7 +283,7 @@ def fit_policy(policy, **kw):
         return None
 
 
-print(f"{'model':<24} {'policy':<10} {'width':>6} {'k':>3} {'gamma':>6} {'budget':>6} {'MFLOP/tok':>9} {'rel':>6} "
+print(f"{'model':<24} {'policy':<11} {'width':>6} {'k':>3} {'gamma':>6} {'budget':>6} {'MFLOP/tok':>9} {'rel':>6} "
       f"{'expMFLOP':>9} {'rel':>6} {'val loss':>7} {'± se':>7} {'ppl':>7} {'tok/s':>9}")
 for name, (model, ckpt) in models.items():
     n_exp, k_train = model.config.n_exp, model.config.k_exp
@@ -328,6 +334,12 @@ for name, (model, ckpt) in models.items():
             add_row(name, "allocate", layer_widths, layer_ks, None, budget)
         except ValueError as e:
             print(f"  (skipped allocate at budget {budget}: {e})")
+    for budget in both_budgets:   # both dials: a uniform width with the top-p that meets the budget
+        try:
+            w, p = fit_width_top_p(main_model, calib_batches, budget, k_train, w_min)
+            add_row(name, "width_top_p", w, k_train, None, budget, top_p=p)
+        except ValueError as e:
+            print(f"  (skipped width_top_p at budget {budget}: {e})")
 
 
 # -----------------------------------------------------------------------------
@@ -411,14 +423,16 @@ for name, (model, _) in models.items():
 uniform_at = {r["width"]: i for i, r in enumerate(rows) if r["model"] == main_name and r["policy"] == "uniform"
               and r["k_exp"] == main_model.config.k_exp}
 pairs = [(i, uniform_at[r["budget"]]) for i, r in enumerate(rows)
-         if r["model"] == main_name and r["policy"] in ("confidence", "ttt", "search", "allocate")
+         if r["model"] == main_name and r["policy"] in ("confidence", "ttt", "search", "allocate", "width_top_p")
          and r["budget"] in uniform_at]
 if pairs:
     print(f"\n{main_name}: width policies against uniform width = budget (paired over the same windows)")
 
 
 def setting(r):
-    """A policy row's own setting: its gamma, or (allocate) its width and k per MoE layer."""
+    """A policy row's own setting: its gamma, (allocate) its width and k per MoE layer, (width_top_p) both dials."""
+    if r["policy"] == "width_top_p":
+        return f"w {r['width']:g} p " + ("1" if r["top_p"] is None else f"{r['top_p']:.3f}")
     if r["policy"] == "allocate":
         return f"widths {'/'.join(f'{w:g}' for w in r['width'])} k {'/'.join(map(str, r['k_exp']))}"
     return "gamma " + ("/".join(f"{g:.2f}" for g in r["gamma"]) if isinstance(r["gamma"], list) else f"{r['gamma']:.2f}")
@@ -426,8 +440,24 @@ def setting(r):
 
 for i, j in pairs:
     r = rows[i]
-    print(f"  {r['policy']:<10} {setting(r):>11}, budget {r['budget']:.2f} (spent {r['rel_expert_flops']:.3f}): "
+    print(f"  {r['policy']:<11} {setting(r):>11}, budget {r['budget']:.2f} (spent {r['rel_expert_flops']:.3f}): "
           f"{r['val_loss']:.4f} - {rows[j]['val_loss']:.4f} = {paired_difference(i, j)}")
+# both dials against the paper's per-token widths at the same budget (the confidence policy, gamma 1 or the
+# nearest gamma swept)
+confidence_at = {}
+for i, r in enumerate(rows):
+    if r["model"] == main_name and r["policy"] == "confidence":
+        j = confidence_at.get(r["budget"])
+        if j is None or abs(r["gamma"] - 1) < abs(rows[j]["gamma"] - 1):
+            confidence_at[r["budget"]] = i
+both = [(i, confidence_at[r["budget"]]) for i, r in enumerate(rows)
+        if r["model"] == main_name and r["policy"] == "width_top_p" and r["budget"] in confidence_at]
+if both:
+    print(f"\n{main_name}: both dials (width x top-p) against the confidence policy at the same budget (paired)")
+for i, j in both:
+    print(f"  budget {rows[i]['budget']:.2f}: {setting(rows[i])} (spent {rows[i]['rel_expert_flops']:.3f}) "
+          f"{rows[i]['val_loss']:.4f} - confidence {setting(rows[j])} (spent {rows[j]['rel_expert_flops']:.3f}) "
+          f"{rows[j]['val_loss']:.4f} = {paired_difference(i, j)}")
 # gamma three ways: searched on calibration text, learned by ttt, and the grid's best chosen on the reported text
 # itself (an optimistic reference: no fitted method can expect to beat it)
 sides = []
@@ -455,6 +485,7 @@ if json_path:
 if plot:   # matplotlib was imported at start-up, so a missing package never costs a finished sweep
     fig, ax = plt.subplots(figsize=(8, 5))
     markers = {"uniform": "o", "top_p": "*", "confidence": "^", "ttt": "v", "search": "D", "allocate": "P",
+               "width_top_p": "h",
                "per_layer": "x", "dense": "s"}
     solo = [name for name in models if name not in one_point]
     for n, name in enumerate(solo):   # one colour per model, one marker per policy, its frontier dashed

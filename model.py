@@ -15,7 +15,8 @@ Read top to bottom:
                                  explanation and test reference) one matmul pair per (width, expert) bucket
   6. Width policies              turn router probabilities into widths: uniform, confidence, and RandomWidth
                                  (training); fitting them to a FLOPs budget (bisection), by test-time training
-                                 of gamma (ttt), by a search over gamma, and a layer-wise allocator
+                                 of gamma (ttt), by a search over gamma, a layer-wise allocator, and both
+                                 dials at once (a width with the top-p routing that meets the budget)
   7. Block, GPT                  forward(idx, targets, width, k_exp), flops_per_token, generate (KV cache)
 
 References: MoSE (Tastan et al., ICML 2026, arXiv 2602.06154); Matryoshka MoE (arXiv 2509.26520);
@@ -636,11 +637,12 @@ class RandomWidth(WidthPolicy):
 
 
 @torch.no_grad()
-def expert_flops_fraction(model, policy, batches, k_exp=None):
-    """Expert FLOPs spent under `policy` on `batches`, as a fraction of full-width expert FLOPs at k_exp."""
+def expert_flops_fraction(model, policy, batches, k_exp=None, top_p=None):
+    """Expert FLOPs spent under `policy` (and top-p routing) on `batches`, as a fraction of full-width expert FLOPs
+    at k_exp."""
     spent = full = 0.0
     for x in batches:
-        out = model(x, width=policy, k_exp=k_exp)
+        out = model(x, width=policy, k_exp=k_exp, top_p=top_p)
         spent += out.stats["expert_flops"].item()
         full += model.flops_breakdown(1.0, k_exp)["experts"]
     return spent / full
@@ -707,9 +709,9 @@ def fit_ttt(model, batches, budget, k_exp=None, lr=0.01, per_layer=False, w_min=
 
 
 @torch.no_grad()
-def calibration_loss(model, batches, width=None, k_exp=None):
-    """Mean language-model loss on calibration batches [(x, y)] at a dial (a width, a list, a policy)."""
-    return sum(model(x, y, width=width, k_exp=k_exp).loss.item() for x, y in batches) / len(batches)
+def calibration_loss(model, batches, width=None, k_exp=None, top_p=None):
+    """Mean language-model loss on calibration batches [(x, y)] at a dial (a width, a list, a policy; top-p)."""
+    return sum(model(x, y, width=width, k_exp=k_exp, top_p=top_p).loss.item() for x, y in batches) / len(batches)
 
 
 @torch.no_grad()
@@ -748,6 +750,44 @@ def fit_search(model, batches, budget, k_exp=None, w_min=0.25, grid=0.05, gammas
             else:
                 lo, a, b = a, b, a + r * (hi - a)
         return tried[min(tried, key=lambda g: tried[g][0])][1]
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def fit_width_top_p(model, batches, budget, k_exp=None, w_min=0.25, step=0.05, tol=0.01, calib_batches=None):
+    """Both dials for one budget: a uniform width and top-p routing. A narrower width costs every token less; top-p
+    lets confident tokens skip their second expert. For each width on the `step` grid whose budget top-p can meet
+    (from all k experts, width = budget, down to one expert per token, width = k x budget), the largest top-p
+    that spends at most the budget on `calib_batches` (default: the first 4 batches' inputs) is found by
+    bisection (spent FLOPs grow with p), and the pair is scored by its LM loss on `batches`; the best pair wins.
+    Returns (width, top_p), top_p None where all k experts fit the budget (a uniform width)."""
+    calib = calib_batches or [x for x, _ in batches[:4]]
+    cfg = model.config
+    ks = model.resolve_dials(None, k_exp)[1]
+    one_expert = len(ks) / sum(ks)                             # what one expert per token spends of all k
+    unit = lambda w: hidden_units(w, cfg.expert_hidden, cfg.width_multiple) / cfg.expert_hidden
+    candidates = {}                                            # hidden units -> (width, top_p)
+    for i in range(int(round((1 - w_min) / step)) + 1):
+        w = round(max(1.0 - i * step, w_min), 10)
+        # all k experts at width w spend unit(w) of the budget's reference, one expert per token less
+        if unit(w) < budget * (1 - tol) or unit(w) * one_expert > budget * (1 + tol) or unit(w) in candidates:
+            continue
+        if unit(w) <= budget * (1 + tol):
+            candidates[unit(w)] = (w, None)
+            continue
+        lo, hi = 0.0, 1.0                                      # lo always fits the budget: one expert per token
+        for _ in range(14):
+            mid = (lo + hi) / 2
+            fits = expert_flops_fraction(model, w, calib, k_exp, top_p=max(mid, 1e-6)) <= budget * (1 + tol)
+            lo, hi = (mid, hi) if fits else (lo, mid)
+        candidates[unit(w)] = (w, max(lo, 1e-6))
+    if not candidates:
+        raise ValueError(f"budget {budget} is below what w_min={w_min} allows with one expert per token; lower w_min")
+    was_training = model.training
+    model.eval()
+    try:
+        return min(candidates.values(), key=lambda wp: calibration_loss(model, batches, wp[0], k_exp, wp[1]))
     finally:
         model.train(was_training)
 
@@ -796,7 +836,7 @@ def allocate_budget(model, batches, budget, k_exp=None, w_min=0.25, step=0.05, k
         model.train(was_training)
 
 
-POLICIES = ("uniform", "confidence", "ttt", "search", "allocate")
+POLICIES = ("uniform", "confidence", "ttt", "search", "allocate", "width_top_p")
 
 
 def make_policy(model, policy="uniform", width=1.0, budget=None, gamma=1.0, k_exp=None, batches=None,
@@ -807,6 +847,8 @@ def make_policy(model, policy="uniform", width=1.0, budget=None, gamma=1.0, k_ex
       ttt:         gamma learned on `batches` (a list of (x, y)) for the budget, which it requires.
       search:      gamma searched on `batches`, Gamma refitted to the budget at each candidate (fit_search).
       allocate:    one uniform width per MoE layer, chosen greedily on `batches` for the budget: a list.
+      width_top_p: both dials, a uniform width and top-p routing searched on `batches` for the budget
+                   (fit_width_top_p): returns (width, top_p), top_p for forward's top_p (None: all k experts).
     budget: a fraction of the full-width expert FLOPs at k_exp, in (0, 1]."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got '{policy}'")
@@ -815,7 +857,7 @@ def make_policy(model, policy="uniform", width=1.0, budget=None, gamma=1.0, k_ex
         raise ValueError(f"budget must be in (0, 1] (a fraction of full-width expert FLOPs), got {budget}")
     if policy == "uniform":
         return width if budget is None else budget
-    if policy in ("ttt", "search", "allocate") and budget is None:
+    if policy in ("ttt", "search", "allocate", "width_top_p") and budget is None:
         raise ValueError(f"policy '{policy}' fits a FLOPs budget: give a budget in (0, 1]")
     if budget is not None and not batches:
         raise ValueError("fitting a policy to a budget needs calibration batches of text")
@@ -826,6 +868,8 @@ def make_policy(model, policy="uniform", width=1.0, budget=None, gamma=1.0, k_ex
         return fit_search(model, batches, budget, k_exp, w_min, grid)
     if policy == "allocate":
         return allocate_budget(model, batches, budget, k_exp, w_min)[0]
+    if policy == "width_top_p":
+        return fit_width_top_p(model, batches, budget, k_exp, w_min)
     return fit_ttt(model, batches, budget, k_exp, ttt_lr, per_layer, w_min, grid)
 
 

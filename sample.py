@@ -8,11 +8,13 @@ Sample from a trained model at a chosen compute:
     python sample.py --out_dir=out-shakespeare-mose --policy=ttt --budget=0.5     # half the expert FLOPs
     python sample.py --out_dir=out-shakespeare-mose --route_top_p=0.6             # 1 or 2 experts per token
     python sample.py --out_dir=out-shakespeare-mose --width=0.5 --route_top_p=0.5 # both: ~30 % of expert FLOPs
+    python sample.py --out_dir=out-shakespeare-mose --policy=width_top_p --budget=0.3   # both, fitted
 
 --budget is a fraction of the full-width expert FLOPs at the k_exp used; the script picks the settings that
 meet it: uniform takes width = budget, confidence fits Gamma on calibration text (random windows of the
 training split, a fixed seed), ttt first learns gamma there (test-time training) and then fits Gamma, search
-tries gammas there with Gamma refitted to the budget at each. After each sample it prints the FLOPs per token
+tries gammas there with Gamma refitted to the budget at each, width_top_p searches a uniform width with the
+top-p routing that meets the budget there (the best dials below about 45 %). After each sample it prints the FLOPs per token
 the model actually spent and the tokens per second.
 """
 
@@ -41,6 +43,7 @@ width = (1.0,)            # uniform width, or one per MoE layer (--width=0.5,1.0
                           # Gamma (mean-width budget) without --budget
 k_exp = (0,)              # experts per token, or one per MoE layer (--k_exp=1,2); 0 = the checkpoint's training value
 policy = "uniform"        # uniform | confidence | ttt | search (gamma searched) | allocate (a width per MoE layer)
+                          # | width_top_p (a width and route_top_p, fitted together)
 gamma = 1.0               # confidence policy: sharpness of the router probabilities
 budget = 0.0              # 0 = none; else a fraction in (0, 1] of the full-width expert FLOPs
 route_top_p = 0.0         # > 0: top-p routing (Matryoshka MoE), each token takes experts by probability until
@@ -69,13 +72,16 @@ try:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got '{policy}'")
     if budget and not 0 < budget <= 1:
         raise ValueError(f"budget must be in (0, 1] (a fraction of full-width expert FLOPs), got {budget}")
-    fitted = {"ttt": "learns gamma", "search": "searches gamma", "allocate": "allocates widths to layers"}
+    fitted = {"ttt": "learns gamma", "search": "searches gamma", "allocate": "allocates widths to layers",
+              "width_top_p": "fits a width and route_top_p"}
     if policy in fitted and not budget:
         raise ValueError(f"policy '{policy}' {fitted[policy]} for a FLOPs budget: pass --budget in (0, 1]")
     if budget and width != 1.0:   # both would set the compute; silently preferring one hides a mistake
         raise ValueError("--width and --budget both set the compute: give one of them")
     if not 0 <= route_top_p <= 1:
         raise ValueError(f"route_top_p is a probability mass in (0, 1] (0 = off), got {route_top_p}")
+    if policy == "width_top_p" and route_top_p:
+        raise ValueError("policy 'width_top_p' fits route_top_p to the budget itself: drop --route_top_p")
     if min(k_exp) < 0:
         raise ValueError(f"k_exp must be >= 1, or 0 for the checkpoint's training value; got {min(k_exp)}")
     check_width(w_min, "w_min")
@@ -171,6 +177,8 @@ if cfg.n_exp:
             dial = width if isinstance(width, list) else \
                 make_policy(model, policy, width, budget or None, gamma, k,
                             calibration_text() if fits else None, w_min, ttt_lr=ttt_lr)
+            if policy == "width_top_p":     # both dials: the width goes to generate's width, p to route_top_p
+                dial, route_top_p = dial[0], dial[1] or 0.0
     except ValueError as e:
         fail(str(e))
     model.eval()

@@ -81,6 +81,11 @@ def test_printed_frontier_is_the_non_dominated_set(bench):
     assert printed == expected
     assert re.search(r"mose reaches it with|never reaches this loss", out)
     assert "paired over the same" in out
+    both = [r for r in rows if r["policy"] == "width_top_p"]   # both dials fitted to the quick budget, 0.5
+    assert len(both) == 1 and both[0]["model"] == "mose" and both[0]["budget"] == 0.5
+    assert 0.5 <= both[0]["width"] <= 1.0 and both[0]["rel_expert_flops"] < 0.5 * 1.1
+    assert re.search(r"budget 0\.50: w [\d.]+ p [\d.]+ \(spent [\d.]+\) [\d.]+ - confidence gamma 2\.00 \(spent [\d.]+\) "
+                     r"[\d.]+ = [+-][\d.]+ ± [\d.]+", out), out
     policies = out.split("width policies against uniform width = budget")[1].strip().splitlines()
     assert [line.split()[0] for line in policies[1:3]] == ["confidence", "ttt"]
     assert all(re.search(r"budget 0\.50 \(spent [\d.]+\): [\d.]+ - [\d.]+ = [+-][\d.]+ ± [\d.]+$", line)

@@ -319,6 +319,27 @@ def test_allocator_narrows_the_layer_that_costs_least_first():
     assert calibration_loss(model, batches, widths) <= calibration_loss(model, batches, 0.5)
 
 
+def test_width_top_p_meets_the_budget_and_beats_its_two_ends():
+    # both dials for one budget: each width on the grid gets the largest top-p that fits the budget; the ends of
+    # the search are the uniform width = budget (all k experts) and width = k x budget with one expert per token
+    from model import calibration_loss, expert_flops_fraction, fit_width_top_p, make_policy
+    model, batches = sharp_router(tiny(moe_stride=1)), calib()
+    xs = [x for x, _ in batches[:4]]
+    w, p = fit_width_top_p(model, batches, 0.4)
+    assert 0.4 <= w <= 0.8 and (p is None or 0 < p < 1)
+    assert expert_flops_fraction(model, w, xs, top_p=p) <= 0.4 * 1.01                  # meets the budget
+    if p is not None:   # and is the largest such p: a hair more routes some token to a second expert
+        assert expert_flops_fraction(model, w, xs, top_p=min(p + 2 ** -13, 1.0)) > 0.4 * 1.01
+    best = calibration_loss(model, batches, w, top_p=p)
+    assert best <= calibration_loss(model, batches, 0.4) + 1e-12                         # width = budget, top-2
+    assert best <= calibration_loss(model, batches, 0.8, top_p=1e-6) + 1e-12            # one expert at 0.8
+    assert make_policy(model, "width_top_p", budget=0.4, batches=batches) == (w, p)      # make_policy's way in
+    with pytest.raises(ValueError, match="below what w_min=0.25 allows with one expert per token"):
+        fit_width_top_p(model, batches, 0.1)                                             # 0.25 x 1 / 2 > 0.1
+    with pytest.raises(ValueError, match="policy 'width_top_p' fits a FLOPs budget"):
+        make_policy(model, "width_top_p", batches=batches)
+
+
 def test_calibration_text_comes_from_the_training_split(tmp_path):
     import numpy as np
     from configurator import calibration_batches
@@ -371,3 +392,21 @@ def test_sample_fits_search_and_allocate_on_training_text(two_layer_ckpt, policy
     q = script("sample.py", f"--out_dir={two_layer_ckpt[0]}", f"--policy={policy}")
     assert q.returncode != 0 and len(q.stderr.strip().splitlines()) == 1
     assert f"policy '{policy}'" in q.stderr and "for a FLOPs budget: pass --budget in (0, 1]" in q.stderr
+
+
+def test_sample_fits_width_and_top_p_together(two_layer_ckpt):
+    import re
+    p = script("sample.py", f"--out_dir={two_layer_ckpt[0]}", "--num_samples=1", "--max_new_tokens=24",
+               "--policy=width_top_p", "--budget=0.4", "--ttt_batches=4")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "fitted to budget 0.4 on 4 x 6 training windows" in p.stdout
+    width = float(re.search(r"policy width_top_p, width ([\d.]+)", p.stdout)[1])
+    assert 0.4 <= width <= 0.8
+    if width > 0.4 + 1e-9:   # wider than the budget: top-p routing pays for it
+        assert re.search(r"top-p routing 0\.\d+", p.stdout)
+    experts = float(re.search(r"experts ([\d.]+) %", p.stdout)[1])
+    assert experts <= 40 * 1.3   # fitted on calibration text, spent on the model's own samples
+    q = script("sample.py", f"--out_dir={two_layer_ckpt[0]}", "--policy=width_top_p", "--budget=0.4",
+               "--route_top_p=0.5")
+    assert q.returncode != 0 and len(q.stderr.strip().splitlines()) == 1
+    assert "fits route_top_p to the budget itself: drop --route_top_p" in q.stderr

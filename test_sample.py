@@ -166,7 +166,7 @@ def test_gpt2_tokenizer(ckpts, request):
 @pytest.mark.parametrize("args,message,model", [
     (["--width=0"], "width must be in (0, 1], got 0.0", "mose"),
     (["--budget=1.5"], "budget must be in (0, 1]", "mose"),
-    (["--policy=bogus"], "policy must be one of uniform, confidence, ttt, search, allocate; got 'bogus'", "mose"),
+    (["--policy=bogus"], "policy must be one of uniform, confidence, ttt, search, allocate, width_top_p; got 'bogus'", "mose"),
     (["--policy=ttt"], "policy 'ttt' learns gamma for a FLOPs budget", "mose"),
     (["--k_exp=9"], "k_exp must be an integer in [1, n_exp=4]", "mose"),
     (["--foo=1"], "unknown config key 'foo'", "mose"),
