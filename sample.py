@@ -14,7 +14,7 @@ Sample from a trained model at a chosen compute:
 meet it: uniform takes width = budget, confidence fits Gamma on calibration text (random windows of the
 training split, a fixed seed), ttt first learns gamma there (test-time training) and then fits Gamma, search
 tries gammas there with Gamma refitted to the budget at each, width_top_p searches a uniform width with the
-top-p routing that meets the budget there (the best dials below about 45 %). After each sample it prints the FLOPs per token
+top-p routing that meets the budget there (MoSE's best points at 30-35 % of the expert FLOPs). After each sample it prints the FLOPs per token
 the model actually spent and the tokens per second.
 """
 
