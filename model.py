@@ -763,30 +763,30 @@ def fit_width_top_p(model, batches, budget, k_exp=None, w_min=0.25, step=0.05, t
     bisection (spent FLOPs grow with p), and the pair is scored by its LM loss on `batches`; the best pair wins.
     Returns (width, top_p), top_p None where all k experts fit the budget (a uniform width)."""
     calib = calib_batches or [x for x, _ in batches[:4]]
-    cfg = model.config
-    ks = model.resolve_dials(None, k_exp)[1]
+    cfg, ks = model.config, model.resolve_dials(None, k_exp)[1]
     one_expert = len(ks) / sum(ks)                             # what one expert per token spends of all k
     unit = lambda w: hidden_units(w, cfg.expert_hidden, cfg.width_multiple) / cfg.expert_hidden
-    candidates = {}                                            # hidden units -> (width, top_p)
-    for i in range(int(round((1 - w_min) / step)) + 1):
-        w = round(max(1.0 - i * step, w_min), 10)
-        # all k experts at width w spend unit(w) of the budget's reference, one expert per token less
-        if unit(w) < budget * (1 - tol) or unit(w) * one_expert > budget * (1 + tol) or unit(w) in candidates:
-            continue
-        if unit(w) <= budget * (1 + tol):
-            candidates[unit(w)] = (w, None)
-            continue
-        lo, hi = 0.0, 1.0                                      # lo always fits the budget: one expert per token
-        for _ in range(14):
-            mid = (lo + hi) / 2
-            fits = expert_flops_fraction(model, w, calib, k_exp, top_p=max(mid, 1e-6)) <= budget * (1 + tol)
-            lo, hi = (mid, hi) if fits else (lo, mid)
-        candidates[unit(w)] = (w, max(lo, 1e-6))
-    if not candidates:
-        raise ValueError(f"budget {budget} is below what w_min={w_min} allows with one expert per token; lower w_min")
     was_training = model.training
-    model.eval()
+    model.eval()                                               # no dropout: the same routing at every trial
     try:
+        candidates = {}                                        # fraction of hidden units -> (width, top_p)
+        for i in range(int(round((1 - w_min) / step)) + 1):
+            w = round(max(1.0 - i * step, w_min), 10)
+            # all k experts at width w spend unit(w) of the budget's reference, one expert per token less
+            if unit(w) < budget * (1 - tol) or unit(w) * one_expert > budget * (1 + tol) or unit(w) in candidates:
+                continue
+            if unit(w) <= budget * (1 + tol):
+                candidates[unit(w)] = (w, None)
+                continue
+            lo, hi = 0.0, 1.0                                  # lo always fits the budget: one expert per token
+            for _ in range(14):
+                mid = (lo + hi) / 2
+                fits = expert_flops_fraction(model, w, calib, k_exp, top_p=max(mid, 1e-6)) <= budget * (1 + tol)
+                lo, hi = (mid, hi) if fits else (lo, mid)
+            candidates[unit(w)] = (w, max(lo, 1e-6))
+        if not candidates:
+            raise ValueError(f"budget {budget} is below what w_min={w_min} allows with one expert per token; "
+                             f"lower w_min")
         return min(candidates.values(), key=lambda wp: calibration_loss(model, batches, wp[0], k_exp, wp[1]))
     finally:
         model.train(was_training)

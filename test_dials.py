@@ -334,6 +334,7 @@ def test_width_top_p_meets_the_budget_and_beats_its_two_ends():
     assert best <= calibration_loss(model, batches, 0.4) + 1e-12                         # width = budget, top-2
     assert best <= calibration_loss(model, batches, 0.8, top_p=1e-6) + 1e-12            # one expert at 0.8
     assert make_policy(model, "width_top_p", budget=0.4, batches=batches) == (w, p)      # make_policy's way in
+    assert model.training                                  # fitted in eval mode, handed back in training mode
     with pytest.raises(ValueError, match="below what w_min=0.25 allows with one expert per token"):
         fit_width_top_p(model, batches, 0.1)                                             # 0.25 x 1 / 2 > 0.1
     with pytest.raises(ValueError, match="policy 'width_top_p' fits a FLOPs budget"):
