@@ -1,7 +1,8 @@
 """
 The accuracy-compute curve: validation loss against forward FLOPs per token, for one trained MoSE model at
 many operating points (uniform widths, k_exp, width x k, top-p routing, the confidence policy, ttt at FLOPs
-budgets, both dials fitted to a budget), next to the baselines' points (a plain MoE over its k_exp, width and top-p dials, a dense GPT).
+budgets, both dials fitted to a budget), next to the baselines' points (a plain MoE over its k_exp, width and
+top-p dials, a dense GPT).
 
     python bench_flops.py --out_dir=out-shakespeare-mose --compare=out-shakespeare-moe,out-shakespeare-dense
     python bench_flops.py ... --series="one MoE per size:out-moe-h192,out-moe-h128,out-moe-h64"
@@ -432,7 +433,7 @@ if pairs:
 def setting(r):
     """A policy row's own setting: its gamma, (allocate) its width and k per MoE layer, (width_top_p) both dials."""
     if r["policy"] == "width_top_p":
-        return f"w {r['width']:g} p " + ("1" if r["top_p"] is None else f"{r['top_p']:.3f}")
+        return f"w {r['width']:g} " + ("all k" if r["top_p"] is None else f"p {r['top_p']:.3g}")
     if r["policy"] == "allocate":
         return f"widths {'/'.join(f'{w:g}' for w in r['width'])} k {'/'.join(map(str, r['k_exp']))}"
     return "gamma " + ("/".join(f"{g:.2f}" for g in r["gamma"]) if isinstance(r["gamma"], list) else f"{r['gamma']:.2f}")
@@ -440,21 +441,25 @@ def setting(r):
 
 for i, j in pairs:
     r = rows[i]
-    print(f"  {r['policy']:<11} {setting(r):>11}, budget {r['budget']:.2f} (spent {r['rel_expert_flops']:.3f}): "
+    print(f"  {r['policy']:<11} {setting(r):>14}, budget {r['budget']:.2f} (spent {r['rel_expert_flops']:.3f}): "
           f"{r['val_loss']:.4f} - {rows[j]['val_loss']:.4f} = {paired_difference(i, j)}")
-# both dials against the paper's per-token widths at the same budget (the confidence policy, gamma 1 or the
-# nearest gamma swept)
+# both dials against the paper's per-token widths at the same budget (the confidence policy at the gamma swept
+# nearest to 1, the paper's default)
 confidence_at = {}
 for i, r in enumerate(rows):
     if r["model"] == main_name and r["policy"] == "confidence":
         j = confidence_at.get(r["budget"])
         if j is None or abs(r["gamma"] - 1) < abs(rows[j]["gamma"] - 1):
             confidence_at[r["budget"]] = i
-both = [(i, confidence_at[r["budget"]]) for i, r in enumerate(rows)
-        if r["model"] == main_name and r["policy"] == "width_top_p" and r["budget"] in confidence_at]
+both = [(i, confidence_at.get(r["budget"])) for i, r in enumerate(rows)
+        if r["model"] == main_name and r["policy"] == "width_top_p"]
 if both:
-    print(f"\n{main_name}: both dials (width x top-p) against the confidence policy at the same budget (paired)")
+    print(f"\n{main_name}: both dials (width x top-p) against the confidence policy at the same budget, gamma "
+          f"nearest 1 (paired)")
 for i, j in both:
+    if j is None:
+        print(f"  budget {rows[i]['budget']:.2f}: no confidence row at this budget (add it to --conf_budgets)")
+        continue
     print(f"  budget {rows[i]['budget']:.2f}: {setting(rows[i])} (spent {rows[i]['rel_expert_flops']:.3f}) "
           f"{rows[i]['val_loss']:.4f} - confidence {setting(rows[j])} (spent {rows[j]['rel_expert_flops']:.3f}) "
           f"{rows[j]['val_loss']:.4f} = {paired_difference(i, j)}")

@@ -755,39 +755,48 @@ def fit_search(model, batches, budget, k_exp=None, w_min=0.25, grid=0.05, gammas
 
 
 @torch.no_grad()
+def largest_top_p(model, width, batches, limit, k_exp=None):
+    """The largest top-p routing mass whose spent expert FLOPs at `width` stay within `limit` (a fraction of the
+    full-width expert FLOPs at k_exp) on `batches`. Spend grows with p, so bisection works; the caller has checked
+    that one expert per token (p -> 0) fits."""
+    lo, hi = 0.0, 1.0
+    for _ in range(14):                                        # 14 halvings: p to within 6e-5
+        mid = (lo + hi) / 2
+        fits = expert_flops_fraction(model, width, batches, k_exp, top_p=max(mid, 1e-6)) <= limit
+        lo, hi = (mid, hi) if fits else (lo, mid)
+    return max(lo, 1e-6)          # forward takes p > 0; any p below the top probability (>= 1/n_exp) is one expert
+
+
+@torch.no_grad()
 def fit_width_top_p(model, batches, budget, k_exp=None, w_min=0.25, step=0.05, tol=0.01, calib_batches=None):
     """Both dials for one budget: a uniform width and top-p routing. A narrower width costs every token less; top-p
-    lets confident tokens skip their second expert. For each width on the `step` grid whose budget top-p can meet
-    (from all k experts, width = budget, down to one expert per token, width = k x budget), the largest top-p
-    that spends at most the budget on `calib_batches` (default: the first 4 batches' inputs) is found by
-    bisection (spent FLOPs grow with p), and the pair is scored by its LM loss on `batches`; the best pair wins.
-    Returns (width, top_p), top_p None where all k experts fit the budget (a uniform width)."""
+    lets confident tokens skip their weaker experts. The candidates: the widest width on the `step` grid whose k
+    experts fit the budget, and every wider width that fits it with top-p routing (up to about k x the budget,
+    where one expert per token is left), each with the largest top-p that fits (largest_top_p on `calib_batches`,
+    default the first 4 batches' inputs). "Fits" allows `tol` (relative) over the budget. The candidate with the
+    lowest LM loss on `batches` wins. Returns (width, top_p); top_p None = all k experts (a uniform width)."""
     calib = calib_batches or [x for x, _ in batches[:4]]
     cfg, ks = model.config, model.resolve_dials(None, k_exp)[1]
+    if not ks:
+        raise ValueError("width_top_p is a dial of MoE models; this model is dense (n_exp=0)")
+    limit = budget * (1 + tol)
     one_expert = len(ks) / sum(ks)                             # what one expert per token spends of all k
-    unit = lambda w: hidden_units(w, cfg.expert_hidden, cfg.width_multiple) / cfg.expert_hidden
+    # each hidden size once, named by its narrowest width on the grid (width_multiple may merge grid points)
+    sizes = {}                                                 # h(w) / H -> w
+    grid = {round(max(1.0 - i * step, w_min), 10) for i in range(math.ceil((1 - w_min) / step - 1e-9) + 1)}
+    for w in sorted(grid):
+        sizes.setdefault(hidden_units(w, cfg.expert_hidden, cfg.width_multiple) / cfg.expert_hidden, w)
+    all_k = [f for f in sizes if f <= limit]
+    candidates = [(sizes[max(all_k)], None)] if all_k else []
     was_training = model.training
     model.eval()                                               # no dropout: the same routing at every trial
     try:
-        candidates = {}                                        # fraction of hidden units -> (width, top_p)
-        for i in range(int(round((1 - w_min) / step)) + 1):
-            w = round(max(1.0 - i * step, w_min), 10)
-            # all k experts at width w spend unit(w) of the budget's reference, one expert per token less
-            if unit(w) < budget * (1 - tol) or unit(w) * one_expert > budget * (1 + tol) or unit(w) in candidates:
-                continue
-            if unit(w) <= budget * (1 + tol):
-                candidates[unit(w)] = (w, None)
-                continue
-            lo, hi = 0.0, 1.0                                  # lo always fits the budget: one expert per token
-            for _ in range(14):
-                mid = (lo + hi) / 2
-                fits = expert_flops_fraction(model, w, calib, k_exp, top_p=max(mid, 1e-6)) <= budget * (1 + tol)
-                lo, hi = (mid, hi) if fits else (lo, mid)
-            candidates[unit(w)] = (w, max(lo, 1e-6))
+        candidates += [(w, largest_top_p(model, w, calib, limit, k_exp)) for f, w in sizes.items()
+                       if f > limit and f * one_expert <= limit]
         if not candidates:
             raise ValueError(f"budget {budget} is below what w_min={w_min} allows with one expert per token; "
                              f"lower w_min")
-        return min(candidates.values(), key=lambda wp: calibration_loss(model, batches, wp[0], k_exp, wp[1]))
+        return min(candidates, key=lambda wp: calibration_loss(model, batches, wp[0], k_exp, wp[1]))
     finally:
         model.train(was_training)
 
@@ -841,7 +850,8 @@ POLICIES = ("uniform", "confidence", "ttt", "search", "allocate", "width_top_p")
 
 def make_policy(model, policy="uniform", width=1.0, budget=None, gamma=1.0, k_exp=None, batches=None,
                 w_min=0.25, grid=0.05, ttt_lr=0.01, per_layer=False):
-    """The compute dial in one call (sample.py and bench_flops.py use it). Returns a width for forward().
+    """The compute dial in one call (sample.py and bench_flops.py use it). Returns a width for forward()
+    (width_top_p: a width and a top-p).
       uniform:     `width` for every expert; with a budget, the width whose expert FLOPs are that fraction.
       confidence:  ConfidenceWidth(gamma, Gamma=width); with a budget, Gamma is fitted to it on `batches`.
       ttt:         gamma learned on `batches` (a list of (x, y)) for the budget, which it requires.

@@ -14,8 +14,8 @@ Sample from a trained model at a chosen compute:
 meet it: uniform takes width = budget, confidence fits Gamma on calibration text (random windows of the
 training split, a fixed seed), ttt first learns gamma there (test-time training) and then fits Gamma, search
 tries gammas there with Gamma refitted to the budget at each, width_top_p searches a uniform width with the
-top-p routing that meets the budget there (MoSE's best points at 30-35 % of the expert FLOPs). After each sample it prints the FLOPs per token
-the model actually spent and the tokens per second.
+top-p routing that meets the budget there (MoSE's best points at 30-35 % of the expert FLOPs). After each
+sample it prints the FLOPs per token the model actually spent and the tokens per second.
 """
 
 import os

@@ -84,7 +84,7 @@ def test_printed_frontier_is_the_non_dominated_set(bench):
     both = [r for r in rows if r["policy"] == "width_top_p"]   # both dials fitted to the quick budget, 0.5
     assert len(both) == 1 and both[0]["model"] == "mose" and both[0]["budget"] == 0.5
     assert 0.5 <= both[0]["width"] <= 1.0 and both[0]["rel_expert_flops"] < 0.5 * 1.1
-    assert re.search(r"budget 0\.50: w [\d.]+ p [\d.]+ \(spent [\d.]+\) [\d.]+ - confidence gamma 2\.00 \(spent [\d.]+\) "
+    assert re.search(r"budget 0\.50: w [\d.]+ (p [\d.e-]+|all k) \(spent [\d.]+\) [\d.]+ - confidence gamma 2\.00 \(spent [\d.]+\) "
                      r"[\d.]+ = [+-][\d.]+ ± [\d.]+", out), out
     policies = out.split("width policies against uniform width = budget")[1].strip().splitlines()
     assert [line.split()[0] for line in policies[1:3]] == ["confidence", "ttt"]
@@ -119,6 +119,7 @@ def test_top_p_dial(checkpoints, tmp_path):
     (["--top_ps=(1.5,)"], "top_ps are probability masses in (0, 1], got 1.5"),
     (["--top_ps=(0.5,)", "--top_p_k=9"], "--top_p_k=9 is more experts than mose has (n_exp=4)"),
     (["--ttt_budgets=(1.5,)"], "budgets must be in"),
+    (["--both_budgets=(1.5,)"], "both_budgets must be in (0, 1]"),
     (["--out_dir=/nonexistent"], "no checkpoint at /nonexistent"),
     (["--policy=uniform"], "unknown config key 'policy'"),
     (["--dtype=float64"], "dtype must be auto, float32, bfloat16, float16; got 'float64'"),

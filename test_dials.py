@@ -321,8 +321,8 @@ def test_allocator_narrows_the_layer_that_costs_least_first():
 
 def test_width_top_p_meets_the_budget_and_beats_its_two_ends():
     # both dials for one budget: each width on the grid gets the largest top-p that fits the budget; the ends of
-    # the search are the uniform width = budget (all k experts) and width = k x budget with one expert per token
-    from model import calibration_loss, expert_flops_fraction, fit_width_top_p, make_policy
+    # the search are the uniform width = budget (all k experts) and width = k x budget (about one expert a token)
+    from model import calibration_loss, expert_flops_fraction, fit_width_top_p, largest_top_p, make_policy
     model, batches = sharp_router(tiny(moe_stride=1)), calib()
     xs = [x for x, _ in batches[:4]]
     w, p = fit_width_top_p(model, batches, 0.4)
@@ -331,14 +331,31 @@ def test_width_top_p_meets_the_budget_and_beats_its_two_ends():
     if p is not None:   # and is the largest such p: a hair more routes some token to a second expert
         assert expert_flops_fraction(model, w, xs, top_p=min(p + 2 ** -13, 1.0)) > 0.4 * 1.01
     best = calibration_loss(model, batches, w, top_p=p)
-    assert best <= calibration_loss(model, batches, 0.4) + 1e-12                         # width = budget, top-2
-    assert best <= calibration_loss(model, batches, 0.8, top_p=1e-6) + 1e-12            # one expert at 0.8
+    assert best <= calibration_loss(model, batches, 0.4) + 1e-12                         # width = budget, all k
+    p8 = largest_top_p(model, 0.8, xs, 0.4 * 1.01)                                      # width = 2 x budget
+    assert expert_flops_fraction(model, 0.8, xs, top_p=1e-6) == pytest.approx(0.4, rel=0.01)   # one expert: 0.8 / 2
+    assert best <= calibration_loss(model, batches, 0.8, top_p=p8) + 1e-12
     assert make_policy(model, "width_top_p", budget=0.4, batches=batches) == (w, p)      # make_policy's way in
     assert model.training                                  # fitted in eval mode, handed back in training mode
     with pytest.raises(ValueError, match="below what w_min=0.25 allows with one expert per token"):
         fit_width_top_p(model, batches, 0.1)                                             # 0.25 x 1 / 2 > 0.1
     with pytest.raises(ValueError, match="policy 'width_top_p' fits a FLOPs budget"):
         make_policy(model, "width_top_p", batches=batches)
+
+
+def test_width_top_p_at_k_1_per_layer_k_and_dense():
+    from model import expert_flops_fraction, fit_width_top_p
+    model, batches = sharp_router(tiny(moe_stride=1)), calib()
+    xs = [x for x, _ in batches[:4]]
+    # k = 1: top-p has nothing to drop, so the answer is the widest uniform width within the budget, also when
+    # the budget falls between two grid points (0.33: width 0.3 here, which spends 0.3)
+    assert fit_width_top_p(model, batches, 0.33, k_exp=1) == (0.3, None)
+    # one k per MoE layer (1 and 2): one expert per token spends 2 / 3 of all k, so widths up to 0.6 / (2 / 3) = 0.9
+    # are candidates at budget 0.6; the pick meets the budget
+    w, p = fit_width_top_p(model, batches, 0.6, k_exp=[1, 2])
+    assert 0.6 <= w <= 0.9 and expert_flops_fraction(model, w, xs, k_exp=[1, 2], top_p=p) <= 0.6 * 1.01
+    with pytest.raises(ValueError, match="width_top_p is a dial of MoE models; this model is dense"):
+        fit_width_top_p(tiny(n_exp=0), batches, 0.5)
 
 
 def test_calibration_text_comes_from_the_training_split(tmp_path):
