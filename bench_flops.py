@@ -490,7 +490,7 @@ if json_path:
 if plot:   # matplotlib was imported at start-up, so a missing package never costs a finished sweep
     fig, ax = plt.subplots(figsize=(8, 5))
     markers = {"uniform": "o", "top_p": "*", "confidence": "^", "ttt": "v", "search": "D", "allocate": "P",
-               "width_top_p": "h",
+               "width_top_p": "<",
                "per_layer": "x", "dense": "s"}
     solo = [name for name in models if name not in one_point]
     for n, name in enumerate(solo):   # one colour per model, one marker per policy, its frontier dashed
