@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import calibration_batches, configure, fail, setup_device
-from model import allocate_budget, check_tokenizer, check_width, fit_width_top_p, load_checkpoint, make_policy
+from model import allocate_budget, check_tokenizer, check_width, load_checkpoint, make_policy
 
 # -----------------------------------------------------------------------------
 out_dir = "out-shakespeare-mose"   # the MoSE checkpoint to sweep
@@ -336,11 +336,9 @@ for name, (model, ckpt) in models.items():
         except ValueError as e:
             print(f"  (skipped allocate at budget {budget}: {e})")
     for budget in both_budgets:   # both dials: a uniform width with the top-p that meets the budget
-        try:
-            w, p = fit_width_top_p(main_model, calib_batches, budget, k_train, w_min)
-            add_row(name, "width_top_p", w, k_train, None, budget, top_p=p)
-        except ValueError as e:
-            print(f"  (skipped width_top_p at budget {budget}: {e})")
+        fitted = fit_policy("width_top_p", budget=budget)   # (width, top_p)
+        if fitted is not None:
+            add_row(name, "width_top_p", fitted[0], k_train, None, budget, top_p=fitted[1])
 
 
 # -----------------------------------------------------------------------------
