@@ -169,7 +169,7 @@ if n_exp == 0:   # a dense GPT has no dials to train or evaluate
 ddp = int(os.environ.get("RANK", -1)) != -1
 device, device_type, dtype, ctx = setup_device(device, dtype)
 if ddp:
-    from torch.distributed import destroy_process_group, init_process_group
+    from torch.distributed import barrier, destroy_process_group, init_process_group
     from torch.nn.parallel import DistributedDataParallel as DDP
     init_process_group(backend=("nccl" if device.startswith("cuda") else "gloo") if backend == "auto" else backend)
     ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -685,5 +685,6 @@ if master_process and iter_num > 0:
     for w, k in eval_dials:
         print(f"{dial_name(w, k):>12} {results[('val', w, k)]:9.4f} "
               f"{raw_model.flops_per_token(w if n_exp else 1.0, k) / 1e6:11.3f}M")
-if ddp:
+if ddp:   # wait for rank 0 to finish its last checkpoint: a rank that tears down first can abort the job
+    barrier()
     destroy_process_group()
