@@ -363,6 +363,11 @@ def paired_difference(i, j):
     return f"{diff.mean():+.4f} ± {diff.std() / math.sqrt(len(diff)):.4f}"
 
 
+def saving(cost, base):
+    """'saves 12.3 %' of base, or 'costs 5.0 % more' where cost exceeds it."""
+    return f"saves {1 - cost / base:.1%}" if cost <= base else f"costs {cost / base - 1:.1%} more"
+
+
 def flops_to_reach(front, loss, key):
     """The fewest FLOPs (key) on a frontier that reach a loss <= `loss`, interpolating linearly between
     neighbouring frontier points (an operating point between them can be had by mixing the two)."""
@@ -393,8 +398,9 @@ for name, (model, _) in models.items():
         if need is None:
             print(f"{point}; {main_name} never reaches this loss")
             continue
-        saved_e = f", {1 - need_e / r['expert_flops_per_token']:+.1%} of expert FLOPs" if r["expert_flops_per_token"] else ""
-        print(f"{point}; {main_name} reaches it with {need / 1e6:.3f}: saves {1 - need / r['flops_per_token']:+.1%} "
+        saved_e = f", {saving(need_e, r['expert_flops_per_token'])} of expert FLOPs" if r["expert_flops_per_token"] \
+            else ""
+        print(f"{point}; {main_name} reaches it with {need / 1e6:.3f}: {saving(need, r['flops_per_token'])} "
               f"of total FLOPs{saved_e}")
     for r in frontier(base):   # no interpolation: the cheapest operating point actually measured within match_tol
         near = [m for m in main_front if m["val_loss"] <= r["val_loss"] + match_tol]
@@ -403,9 +409,9 @@ for name, (model, _) in models.items():
             w = "/".join(f"{x:g}" for x in m["width"]) if isinstance(m["width"], list) else \
                 "-" if m["width"] is None else f"{m['width']:.3g}"
             print(f"  within {match_tol:g} of {policy_name(r)} w={r['width']:g} k={r['k_exp']} ({r['val_loss']:.4f}): "
-                  f"{main_name}'s {policy_name(m)} w={w} k={m['k_exp']} at {m['val_loss']:.4f} saves "
-                  f"{1 - m['expert_flops_per_token'] / r['expert_flops_per_token']:+.1%} of expert FLOPs, "
-                  f"{1 - m['flops_per_token'] / r['flops_per_token']:+.1%} of total FLOPs")
+                  f"{main_name}'s {policy_name(m)} w={w} k={m['k_exp']} at {m['val_loss']:.4f} "
+                  f"{saving(m['expert_flops_per_token'], r['expert_flops_per_token'])} of expert FLOPs, "
+                  f"{saving(m['flops_per_token'], r['flops_per_token'])} of total FLOPs")
     ref = as_trained(name)
     print(f"  at full width: {main_name} - {name} = {paired_difference(mine, ref)} "
           f"nats (paired over the same {len(seq_losses[mine])} validation windows)")

@@ -640,12 +640,25 @@ class RandomWidth(WidthPolicy):
 def expert_flops_fraction(model, policy, batches, k_exp=None, top_p=None):
     """Expert FLOPs spent under `policy` (and top-p routing) on `batches`, as a fraction of full-width expert FLOPs
     at k_exp."""
-    spent = full = 0.0
-    for x in batches:
-        out = model(x, width=policy, k_exp=k_exp, top_p=top_p)
-        spent += out.stats["expert_flops"].item()
-        full += model.flops_breakdown(1.0, k_exp)["experts"]
-    return spent / full
+    spent = sum(model(x, width=policy, k_exp=k_exp, top_p=top_p).stats["expert_flops"].item() for x in batches)
+    return spent / (len(batches) * model.flops_breakdown(1.0, k_exp)["experts"])   # both per token, per batch
+
+
+def calibration_inputs(batches, calib_batches=None):
+    """The inputs a fit meets its budget on: `calib_batches` if given, else the first 4 of `batches` [(x, y)]."""
+    return calib_batches or [x for x, _ in batches[:4]]
+
+
+def width_ladder(config, w_min=0.25, step=0.05):
+    """The widths a fit steps through: 1, 1 - step, ... down to w_min (included, also off the grid), one per
+    distinct hidden-unit count (width_multiple can give neighbours the same h), each named by its widest width."""
+    ladder = []
+    for i in range(math.ceil((1 - w_min) / step - 1e-9) + 1):
+        w = round(max(1.0 - i * step, w_min), 10)
+        h = hidden_units(w, config.expert_hidden, config.width_multiple)
+        if not ladder or h < hidden_units(ladder[-1], config.expert_hidden, config.width_multiple):
+            ladder.append(w)
+    return ladder
 
 
 @torch.no_grad()
@@ -680,7 +693,7 @@ def fit_ttt(model, batches, budget, k_exp=None, lr=0.01, per_layer=False, w_min=
     Gamma is re-fitted to the budget every `refit_every` steps so gamma cannot buy loss with extra FLOPs
     (clipping at w_min spends more than Gamma asks), and once more at the end: the result meets `budget`
     on `calib_batches` (default: the first batches). Returns a ConfidenceWidth."""
-    calib = calib_batches or [x for x, _ in batches[:4]]
+    calib = calibration_inputs(batches, calib_batches)
     rho = torch.full((model.config.n_moe_layers if per_layer else 1,), math.log(math.e - 1),
                      requires_grad=True)                                      # gamma = softplus(rho) = 1
     gamma = lambda: F.softplus(rho) if per_layer else F.softplus(rho)[0]      # one per layer, or one scalar
@@ -722,7 +735,7 @@ def fit_search(model, batches, budget, k_exp=None, w_min=0.25, grid=0.05, gammas
     scored by its true LM loss on `batches`, so candidates are compared at equal spent FLOPs. First the grid
     `gammas`, then `refine` golden-section steps between the best grid point's neighbours; the best gamma
     tried wins. Returns its ConfidenceWidth. Raises ValueError if no gamma can meet the budget."""
-    calib = calib_batches or [x for x, _ in batches[:4]]
+    calib = calibration_inputs(batches, calib_batches)
     tried = {}                                                 # gamma -> (calibration loss, fitted policy)
 
     def score(g):
@@ -775,17 +788,14 @@ def fit_width_top_p(model, batches, budget, k_exp=None, w_min=0.25, step=0.05, t
     where one expert per token is left), each with the largest top-p that fits (largest_top_p on `calib_batches`,
     default the first 4 batches' inputs). "Fits" allows `tol` (relative) over the budget. The candidate with the
     lowest LM loss on `batches` wins. Returns (width, top_p); top_p None = all k experts (a uniform width)."""
-    calib = calib_batches or [x for x, _ in batches[:4]]
+    calib = calibration_inputs(batches, calib_batches)
     cfg, ks = model.config, model.resolve_dials(None, k_exp)[1]
     if not ks:
         raise ValueError("width_top_p is a dial of MoE models; this model is dense (n_exp=0)")
     limit = budget * (1 + tol)
     one_expert = len(ks) / sum(ks)                             # what one expert per token spends of all k
-    # each hidden size once, named by its narrowest width on the grid (width_multiple may merge grid points)
-    sizes = {}                                                 # h(w) / H -> w
-    grid = {round(max(1.0 - i * step, w_min), 10) for i in range(math.ceil((1 - w_min) / step - 1e-9) + 1)}
-    for w in sorted(grid):
-        sizes.setdefault(hidden_units(w, cfg.expert_hidden, cfg.width_multiple) / cfg.expert_hidden, w)
+    sizes = {hidden_units(w, cfg.expert_hidden, cfg.width_multiple) / cfg.expert_hidden: w    # h(w) / H -> w
+             for w in width_ladder(cfg, w_min, step)}
     all_k = [f for f in sizes if f <= limit]
     candidates = [(sizes[max(all_k)], None)] if all_k else []
     was_training = model.training
@@ -812,13 +822,7 @@ def allocate_budget(model, batches, budget, k_exp=None, w_min=0.25, step=0.05, k
     cfg, n = model.config, model.config.n_moe_layers
     experts = lambda w, k: model.flops_breakdown(w, k)["experts"]
     target = budget * experts(1.0, ks)
-    # the widths a layer can step through: 1, 1 - step, ... down to w_min, one per distinct hidden-unit count
-    ladder = []
-    for i in range(int(round((1 - w_min) / step)) + 1):
-        w = round(max(1.0 - i * step, w_min), 10)
-        if not ladder or hidden_units(w, cfg.expert_hidden, cfg.width_multiple) < \
-                hidden_units(ladder[-1], cfg.expert_hidden, cfg.width_multiple):
-            ladder.append(w)
+    ladder = width_ladder(cfg, w_min, step)                    # the widths a layer can step through
     was_training = model.training
     model.eval()
     try:

@@ -8,9 +8,12 @@ Prepare a dataset for train.py: token ids as uint16 in data/<name>/train.bin and
     python prepare_data.py NAME --input=my.txt --tokenizer=char|gpt2    # any UTF-8 text file
 
 --input also replaces the download for shakespeare_char / shakespeare; --out_dir changes data/.
+--train_fraction=0.25 keeps a quarter of the training split (every 4th block of 8,192 tokens; val unchanged), for
+runs that ask how a result moves with the amount of data.
 """
 
 import hashlib
+import math
 import os
 import pickle
 import sys
@@ -35,12 +38,20 @@ def parse_args(argv):
     if not argv or argv[0].startswith("-"):
         fail("name the dataset first: python prepare_data.py shakespeare_char|shakespeare|openwebtext|NAME "
              "[--input=PATH]", code=2)
-    name, opts = argv[0], {"input": None, "tokenizer": None, "out_dir": "data"}
+    name, opts = argv[0], {"input": None, "tokenizer": None, "out_dir": "data", "train_fraction": "1"}
     for arg in argv[1:]:
         key, sep, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not sep or key not in opts:
-            fail(f"unknown option '{arg}' (options: --input=PATH, --tokenizer=char|gpt2, --out_dir=DIR)", code=2)
+            fail(f"unknown option '{arg}' (options: --input=PATH, --tokenizer=char|gpt2, --out_dir=DIR, "
+                 f"--train_fraction=F)", code=2)
         opts[key] = value
+    try:
+        fraction = float(opts["train_fraction"])
+    except ValueError:
+        fraction = math.nan
+    if not 0 < fraction <= 1:
+        fail(f"--train_fraction must be a number in (0, 1], got '{opts['train_fraction']}'", code=2)
+    opts["train_fraction"] = fraction
     return name, opts
 
 
@@ -77,6 +88,16 @@ def write_split(ids, path):
     ids.astype(np.uint16).tofile(path)
 
 
+def train_subset(ids, fraction, block=8192):
+    """A data-scaling run's smaller training split: `fraction` of the blocks of `block` tokens, spread evenly over
+    the whole split (0.25: blocks 0, 4, 8, ...), so the subset mixes the same plays as the full text, and the
+    validation text, which continues the last play, is as near to it as to the full split."""
+    blocks = range(0, len(ids), block)
+    step = lambda i: math.floor(i * fraction + 1e-9)           # block i is kept where this count goes up
+    keep = [i for i in range(len(blocks)) if step(i) > step(i - 1)]
+    return np.concatenate([np.asarray(ids[blocks[i]:blocks[i] + block]) for i in keep])
+
+
 def char_tokenizer(text):
     chars = sorted(set(text))   # the vocabulary: every character of the whole text
     stoi = {ch: i for i, ch in enumerate(chars)}
@@ -98,7 +119,7 @@ def gpt2_tokenizer(text):
     return enc.encode_ordinary, {"tokenizer": "gpt2", "vocab_size": enc.n_vocab}
 
 
-def prepare_text(text, tokenizer, out):
+def prepare_text(text, tokenizer, out, train_fraction=1.0):
     encode, meta = char_tokenizer(text) if tokenizer == "char" else gpt2_tokenizer(text)
     if meta["vocab_size"] > 65536:   # fail before writing anything rather than leave a half-written dataset
         fail(f"{meta['vocab_size']:,} distinct characters: token ids must fit in uint16 (at most 65,536); "
@@ -106,6 +127,9 @@ def prepare_text(text, tokenizer, out):
     os.makedirs(out, exist_ok=True)
     n = int(0.9 * len(text))   # first 90% of the text is train, the last 10% val: no overlap between them
     train_ids, val_ids = encode(text[:n]), encode(text[n:])
+    if train_fraction < 1:   # the vocabulary above still comes from the whole text: checkpoints stay comparable
+        full, train_ids = len(train_ids), train_subset(train_ids, train_fraction)
+        print(f"--train_fraction={train_fraction:g}: {len(train_ids):,} of the {full:,} training tokens")
     write_split(train_ids, os.path.join(out, "train.bin"))
     write_split(val_ids, os.path.join(out, "val.bin"))
     with open(os.path.join(out, "meta.pkl"), "wb") as f:
@@ -165,6 +189,9 @@ if __name__ == "__main__":
     if name == "openwebtext" and not given:
         if tokenizer != "gpt2":
             fail("openwebtext is prepared with --tokenizer=gpt2 only")
+        if opts["train_fraction"] < 1:
+            fail("--train_fraction is for text files and Shakespeare; for openwebtext shorten the run instead "
+                 "(train.py --max_train_flops)")
         prepare_openwebtext(out)
         sys.exit(0)
     if name in ("shakespeare_char", "shakespeare"):
@@ -184,4 +211,4 @@ if __name__ == "__main__":
         fail(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it, e.g. iconv -t UTF-8")
     if not text.strip():   # nothing to learn from, and train.py would only fail later on an empty split
         fail(f"{path} is empty{' (only whitespace)' if text else ''}: give a text file with --input=PATH")
-    prepare_text(text, tokenizer, out)
+    prepare_text(text, tokenizer, out, opts["train_fraction"])

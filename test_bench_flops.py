@@ -80,6 +80,10 @@ def test_printed_frontier_is_the_non_dominated_set(bench):
     printed = sorted(float(line.split()[6]) for line in section)
     assert printed == expected
     assert re.search(r"mose reaches it with|never reaches this loss", out)
+    # a saving is a positive percentage, an overspend is named as one ("saves -20 %" would read as a saving)
+    assert not re.search(r"saves [+-]", out)
+    assert all(re.search(r": (saves|costs) [\d.]+% (more )?of total FLOPs(, (saves|costs) [\d.]+% (more )?of expert "
+                         r"FLOPs)?$", line) for line in out.splitlines() if "reaches it with" in line)
     assert "paired over the same" in out
     both = [r for r in rows if r["policy"] == "width_top_p"]   # both dials fitted to the quick budget, 0.5
     assert len(both) == 1 and both[0]["model"] == "mose" and both[0]["budget"] == 0.5

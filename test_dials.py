@@ -428,3 +428,17 @@ def test_sample_fits_width_and_top_p_together(two_layer_ckpt):
                "--route_top_p=0.5")
     assert q.returncode != 0 and len(q.stderr.strip().splitlines()) == 1
     assert "fits route_top_p to the budget itself: drop --route_top_p" in q.stderr
+
+
+def test_width_ladder_one_width_per_hidden_size_down_to_w_min():
+    # the ladder that allocate_budget and fit_width_top_p both step through
+    from model import hidden_units, width_ladder
+    cfg = GPTConfig(n_embd=64, n_head=4, expert_hidden=256, width_multiple=1)
+    assert width_ladder(cfg, 0.25, 0.25) == [1.0, 0.75, 0.5, 0.25]
+    assert width_ladder(cfg, 0.3, 0.3) == [1.0, 0.7, 0.4, 0.3]              # w_min off the grid is still reached
+    assert len(width_ladder(cfg, 0.25, 0.05)) == 16                         # 1.0, 0.95, ..., 0.25
+    # width_multiple 64: 1.0, 0.95 and 0.9 all give 256 units, 0.85 gives 192; each size once, named by its widest
+    cfg64 = GPTConfig(n_embd=64, n_head=4, expert_hidden=256, width_multiple=64)
+    ladder = width_ladder(cfg64, 0.25, 0.05)
+    assert ladder == [1.0, 0.85, 0.6, 0.35]
+    assert [hidden_units(w, 256, 64) for w in ladder] == [256, 192, 128, 64]

@@ -49,6 +49,22 @@ def test_char_level_shakespeare(shared_data, tmp_path):
     assert "".join(meta["itos"][int(i)] for i in val[-50:]) == text[-50:]
 
 
+def test_train_fraction_keeps_evenly_spread_blocks(shared_data, tmp_path):
+    # a data-scaling run's smaller dataset: every 4th block of 8,192 training tokens, the same val and vocabulary
+    src = shared_data / "tinyshakespeare" / "input.txt"
+    assert prepare("shakespeare_char", f"--input={src}", f"--out_dir={tmp_path / 'full'}").returncode == 0
+    p = prepare("shakespeare_char", f"--input={src}", f"--out_dir={tmp_path / 'q'}", "--train_fraction=0.25")
+    assert p.returncode == 0 and "253,952 of the 1,003,854 training tokens" in p.stdout, p.stderr
+    full, val, meta = load(tmp_path / "full", "shakespeare_char")
+    train, val_q, meta_q = load(tmp_path / "q", "shakespeare_char")
+    blocks = [full[i:i + 8192] for i in range(0, len(full), 8192)]
+    assert np.array_equal(train, np.concatenate(blocks[::4]))       # blocks 0, 4, 8, ... of the whole split
+    assert np.array_equal(val, val_q) and meta == meta_q
+    for bad in ("0", "1.5", "half"):
+        one_line_error(prepare("shakespeare_char", f"--input={src}", f"--out_dir={tmp_path}", f"--train_fraction={bad}"),
+                       "--train_fraction must be a number in (0, 1]", bad, code=2)
+
+
 def test_gpt2_shakespeare(shared_data, tmp_path):
     p = prepare("shakespeare", f"--input={shared_data / 'tinyshakespeare' / 'input.txt'}", f"--out_dir={tmp_path}")
     assert p.returncode == 0, p.stderr
@@ -89,6 +105,7 @@ def test_openwebtext_needs_datasets(tmp_path):
     p = prepare("openwebtext", f"--out_dir={tmp_path}")
     one_line_error(p, "pip install datasets", code=1)
     assert p.stderr.strip() == "prepare_data.py: openwebtext needs the 'datasets' package: pip install datasets"
+    one_line_error(prepare("openwebtext", f"--out_dir={tmp_path}", "--train_fraction=0.5"), "--max_train_flops", code=1)
 
 
 def test_wrong_shakespeare_file_is_refused(tmp_path):
