@@ -447,6 +447,8 @@ class MoSELayer(nn.Module):
 
     def forward(self, x, width=1.0, k=2, k_pool=None, top_p=None):
         B, T, C = x.shape
+        if B * T * k <= self.router.n_exp and k_pool is None and not torch.is_grad_enabled():
+            return self.forward_few(x, width, k, top_p)                    # decoding a token
         x = x.reshape(B * T, C)                                            # (N, C)
         r = self.router(x, k, k_pool, top_p)
         # widths read the router's gates but never train it; they carry a gradient only when the policy has a
@@ -470,6 +472,35 @@ class MoSELayer(nn.Module):
         pairs = h.numel() if r.used is None else r.used.sum()
         return MoEOutput(self.dropout(y).view(B, T, C), r, spent, h.float().sum() / pairs / self.experts.hidden)
 
+    def forward_few(self, x, width, k, top_p=None):
+        """forward for a handful of (token, expert) pairs without autograd: what decoding one token needs.
+        The same routing, widths and arithmetic, read back to the host once, each pair run on its own row: no
+        sort, no buckets, no tensors of per-pair widths and FLOPs. Decoding is overhead-bound (a torch call
+        costs microseconds, a token's arithmetic in it hardly more), and this makes a third of forward's
+        calls. Tested against forward with autograd on."""
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)                                            # (N, C), N * k <= n_exp
+        r = self.router(x, k, top_p=top_p)
+        if isinstance(width, WidthPolicy):
+            units = self.experts.h(width(r.gates, self.moe_index)).tolist()   # (N, k) hidden units per pair
+        else:
+            units = [[self.experts.h(width)] * k] * (B * T)
+        if r.used is not None:             # top-p routing: an unused pair has no hidden units and is not run
+            units = [[h if u else 0 for h, u in zip(hs, us)] for hs, us in zip(units, r.used.tolist())]
+        rows = []
+        for n, (experts, gates, hs) in enumerate(zip(r.expert_idx.tolist(), r.gates.tolist(), units)):
+            y_n = None
+            for e, gate, h in zip(experts, gates, hs):
+                if h:
+                    y_e = gate * self.experts(x[n:n + 1], e, h)            # (1, C)
+                    y_n = y_e if y_n is None else y_n + y_e
+            rows.append(y_n)
+        y = torch.cat(rows) if len(rows) > 1 else rows[0]                  # (N, C)
+        spent = torch.tensor([pair_flops(C, sum(hs)) for hs in units], dtype=torch.float32, device=x.device)
+        pairs = sum(h > 0 for hs in units for h in hs)
+        mean_width = torch.tensor(sum(map(sum, units)) / pairs / self.experts.hidden, device=x.device)
+        return MoEOutput(self.dropout(y).view(B, T, C), r, spent, mean_width)
+
     def dispatch_used(self, x, r, h, soft_mask=None):
         """Top-p routing: the unused pairs leave the (token, expert) list before the dispatch, which sees each
         used pair as a token of its own with k = 1; the pairs' outputs are added back to their tokens."""
@@ -486,10 +517,6 @@ class MoSELayer(nn.Module):
         tested against dispatch_loop and forward_reference, forward and gradients."""
         N, k = expert_idx.shape
         E, H = self.experts.c_fc.size(0), self.experts.hidden
-        if N * k <= E and soft_mask is None:   # decoding one token: a few pairs, each run on its own row,
-            pairs = zip(expert_idx.flatten().tolist(), h.flatten().tolist())   # no sort, no buckets
-            y = torch.stack([self.experts(x[i // k:i // k + 1], e, units) for i, (e, units) in enumerate(pairs)])
-            return (y.view(N, k, -1) * gates[..., None].to(y.dtype)).sum(dim=1)   # (N, C)
         token = torch.arange(N, device=x.device).repeat_interleave(k)      # (N*k,)
         expert, units, gate = expert_idx.flatten(), h.flatten(), gates.flatten()
         if soft_mask is not None:        # a policy being fitted: every pair at full width, the mask slims
@@ -1028,7 +1055,7 @@ class GPT(nn.Module):
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         else:
-            logits = self.lm_head(x[:, [-1], :])   # inference: only the last position is needed
+            logits = self.lm_head(x[:, -1:, :])    # inference: only the last position is needed
             loss = None
         expert_flops = spent.mean().detach()
         stats = dict(expert_flops=expert_flops, load=loads, experts_per_token=experts_per_token,

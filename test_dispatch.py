@@ -88,13 +88,26 @@ def test_every_k_and_experts_without_tokens(k):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("N", [1, 2])
-def test_few_pairs_path_for_decoding(bias, N):
-    # no more (token, expert) pairs than experts: dispatch runs each pair on its own, without the sort
+@pytest.mark.parametrize("width,top_p", [(1.0, None), (0.25, None), (ConfidenceWidth(2.0, 0.5), None),
+                                         (0.5, 0.6), (ConfidenceWidth(1.0, 0.5), 0.6)])
+def test_few_pairs_path_for_decoding(bias, N, width, top_p):
+    # no more (token, expert) pairs than experts and no autograd (decoding): forward_few runs each pair on its
+    # own row, from the routing read back to the host; the same output, FLOPs and mean width as forward
     layer = layer_for(bias=bias, width_multiple=4)
-    x = torch.randn(N, 32)
-    expert_idx, gates = routing(N, 2, 4)
-    h = layer.experts.h(torch.tensor([[1.0, 0.25], [0.5, 0.75]])[:N])
-    assert_all_close(run_all(layer, x, expert_idx, gates, h), rtol=1e-4, atol=1e-5)
+    torch.nn.init.normal_(layer.router.w_g.weight, std=1.0)   # confident gates: the policy's widths differ
+    x = torch.randn(1, N, 32)
+    with torch.enable_grad():
+        slow = layer(x, width, 2, top_p=top_p)
+    with torch.no_grad():
+        few = layer(x, width, 2, top_p=top_p)
+    if top_p is not None:
+        assert not slow.routing.used.all()                                # some pair is left out
+    torch.testing.assert_close(few.y, slow.y.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(few.spent, slow.spent)
+    torch.testing.assert_close(few.mean_width, slow.mean_width)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layer, "dispatch", None)                               # the sort-based path is not taken
+        layer(x, width, 2, top_p=top_p)
 
 
 def test_grouped_matmul_and_its_fallback_agree(monkeypatch):
@@ -208,3 +221,15 @@ def test_bfloat16_autocast(width_multiple):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.experts.parameters())
     for a, b in zip(grads["fast"][1:], grads["loop"][1:]):   # gradients, to bf16 precision (relative to their size)
         assert a.dtype == b.dtype and (a.float() - b.float()).norm() <= 2e-2 * b.float().norm()
+
+
+def test_few_pairs_path_under_bfloat16_autocast():
+    layer = layer_for(bias=True, width_multiple=4)
+    x = torch.randn(1, 2, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        slow = layer(x, ConfidenceWidth(2.0, 0.5), 2)
+        with torch.no_grad():
+            few = layer(x, ConfidenceWidth(2.0, 0.5), 2)
+    assert slow.y.dtype == torch.bfloat16     # few.y may be float32: its bias adds outside autocast
+    torch.testing.assert_close(few.y.float(), slow.y.detach().float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(few.spent, slow.spent)
