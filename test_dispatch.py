@@ -2,6 +2,8 @@
 (MoSELayer.dispatch_loop) and the masked reference (SlimmableExperts.forward_reference), forward and gradients.
 No timing here: bench_speed.py measures the speed. Run: python -m pytest -q test_dispatch.py"""
 
+import functools
+
 import pytest
 import torch
 
@@ -124,20 +126,21 @@ def test_grouped_matmul_and_its_fallback_agree(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("split_rows", [1, 4])
-def test_expert_by_expert_blocks_match(monkeypatch, split_rows):
-    # big widths run expert by expert (row_blocks); at these sizes only a tiny split_rows makes that happen
+@pytest.mark.parametrize("kind", ["random", 0.5])
+def test_width_by_width_and_expert_by_expert_match(monkeypatch, kind):
+    # the CPU runs each expert's widths back to back, a GPU each width over all experts (row_blocks): both
+    # orders here, each against the loop and the reference, and against each other
     layer = layer_for(bias=True, width_multiple=4)
     x = torch.randn(48, 32)
     expert_idx, gates = routing(48, 2, 4)
-    h = layer.experts.h(widths_for("random", gates))
-    unsplit = run_all(layer, x, expert_idx, gates, h)["fast"]
-    grouped = model_module.SlimmableExperts.forward_grouped
-    monkeypatch.setattr(layer.experts, "forward_grouped",
-                        lambda *a, **kw: grouped(layer.experts, *a, **kw, split_rows=split_rows))
-    results = run_all(layer, x, expert_idx, gates, h)
-    assert_all_close(results, rtol=1e-4, atol=1e-5)   # against the loop and the reference
-    for a, b in zip(results["fast"], unsplit):
+    h = layer.experts.h(widths_for(kind, gates))
+    dispatch, fast = layer.dispatch, {}
+    for by_expert in (False, True):
+        monkeypatch.setattr(layer, "dispatch", functools.partial(dispatch, by_expert=by_expert))
+        results = run_all(layer, x, expert_idx, gates, h)
+        assert_all_close(results, rtol=1e-4, atol=1e-5)
+        fast[by_expert] = results["fast"]
+    for a, b in zip(fast[False], fast[True]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -179,9 +182,10 @@ def test_frozen_weights_and_a_strided_output_gradient():
 
 
 def test_row_blocks():
-    counts, hs = [[3, 0, 1], [8, 6, 0]], [16, 32]
-    assert model_module.row_blocks(counts, hs, 5) == [(16, [3, 0, 1]), (32, [8, 0, 0]), (32, [0, 6, 0])]
-    assert model_module.row_blocks(counts, hs, 100) == [(16, [3, 0, 1]), (32, [8, 6, 0])]
+    counts, hs = [[3, 0, 1], [8, 6, 0]], [16, 32]           # (width, expert) buckets: 2 widths, 3 experts
+    assert model_module.row_blocks(counts, hs, False) == [(16, [3, 0, 1]), (32, [8, 6, 0])]
+    assert model_module.row_blocks(counts, hs, True) == [(16, [3, 0, 0]), (32, [8, 0, 0]), (32, [0, 6, 0]),
+                                                         (16, [0, 0, 1])]
 
 
 @pytest.mark.parametrize("bias", [False, True])
