@@ -475,8 +475,8 @@ class MoSELayer(nn.Module):
         """forward for a handful of (token, expert) pairs without autograd: what decoding one token needs.
         The same routing, widths and arithmetic, read back to the host once, each pair run on its own row: no
         sort, no buckets, no tensors of per-pair widths and FLOPs. Decoding is overhead-bound (a torch call
-        costs microseconds, a token's arithmetic in it hardly more), and this makes a third of forward's
-        calls. Tested against forward with autograd on."""
+        costs microseconds, a token's arithmetic in it hardly more): for one token at k = 2 this is about 100
+        torch operator calls, the sorted dispatch about 600. Tested against forward with autograd on."""
         B, T, C = x.shape
         x = x.reshape(B * T, C)                                            # (N, C), N * k <= n_exp
         r = self.router(x, k, top_p=top_p)
