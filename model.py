@@ -82,6 +82,12 @@ class GPTConfig:
 # 2. The dense parts (nanoGPT)
 
 
+def dropout_layer(p):
+    """nn.Dropout, or nothing at p = 0 (the configs' default). In eval mode nn.Dropout still costs a module
+    call and a torch op, and decoding one token is overhead-bound: it is about 200 ops of a few µs each."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -90,12 +96,12 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = dropout_layer(config.dropout)
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)]  # (B, nh, T, hs)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)   # (B, T, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                       # 3 x (B, nh, T, hs)
         if cache is not None:
             # KV cache for generation: keys/values of earlier positions are kept, only new ones computed.
             # Either the cache is empty (prefill, causal) or we add one token that sees everything before it.
@@ -116,7 +122,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = dropout_layer(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
@@ -163,8 +169,11 @@ class Router(nn.Module):
     def forward(self, x, k, k_pool=None, top_p=None):
         # x: (N, C) tokens; k: experts per token (with top_p: at most); k_pool: Elastic MoE co-activation pool
         # (training only); top_p: Matryoshka MoE's top-p routing, a probability mass in (0, 1]
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.w_g.weight.float())  # (N, E)
+        if torch.is_autocast_enabled(x.device.type):   # (a context manager costs µs: only when needed)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                logits = F.linear(x.float(), self.w_g.weight.float())  # (N, E)
+        else:
+            logits = F.linear(x.float(), self.w_g.weight.float())      # (N, E)
         probs = logits.softmax(dim=-1)                              # (N, E)
         if k_pool is not None and k_pool > k:
             expert_idx = self.coactivation_sample(probs, k, k_pool)
@@ -181,9 +190,11 @@ class Router(nn.Module):
             top_probs = top_probs * used                            # unused pairs: gate 0
         gates = top_probs / top_probs.sum(dim=-1, keepdim=True)
         # load: fraction of all (token, expert) assignments that went to each expert; 1/E each when balanced
-        pairs = expert_idx if used is None else expert_idx.masked_fill(~used, self.n_exp)   # unused: bin E
-        load = torch.bincount(pairs.flatten(), minlength=self.n_exp + 1)[:self.n_exp].float()
-        load = load / load.sum()                                                         # (E,)
+        if used is None:
+            load = torch.bincount(expert_idx.flatten(), minlength=self.n_exp).float() / expert_idx.numel()  # (E,)
+        else:   # the used pairs only: the unused go to an extra bin E, dropped (no host sync, unlike indexing)
+            load = torch.bincount(expert_idx.masked_fill(~used, self.n_exp).flatten(), minlength=self.n_exp + 1)
+            load = load[:self.n_exp].float() / used.sum()                                # (E,)
         if not self.training:   # the losses are a training objective: skipped in eval mode (decoding is
             return Routing(expert_idx, gates, probs, logits.new_zeros(()), load, used)  # overhead-bound)
         loss = self.aux_loss_weight * self.n_exp * (load * probs.mean(dim=0)).sum()   # Switch: = 1 at balance
@@ -442,7 +453,7 @@ class MoSELayer(nn.Module):
         self.moe_index = moe_index         # index among the MoE layers (policies may hold one gamma per layer)
         self.router = Router(config)
         self.experts = SlimmableExperts(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = dropout_layer(config.dropout)
 
     def forward(self, x, width=1.0, k=2, k_pool=None, top_p=None):
         B, T, C = x.shape
@@ -490,9 +501,9 @@ class MoSELayer(nn.Module):
         for n, (experts, gates, hs) in enumerate(zip(r.expert_idx.tolist(), r.gates.tolist(), units)):
             y_n = None
             for e, gate, h in zip(experts, gates, hs):
-                if h:
-                    y_e = gate * self.experts(x[n:n + 1], e, h)            # (1, C)
-                    y_n = y_e if y_n is None else y_n + y_e
+                if h:                              # (in place: no autograd here, and a float is no tensor)
+                    y_e = self.experts(x[n:n + 1], e, h)                   # (1, C)
+                    y_n = y_e.mul_(gate) if y_n is None else y_n.add_(y_e, alpha=gate)
             rows.append(y_n)
         y = torch.cat(rows) if len(rows) > 1 else rows[0]                  # (N, C)
         spent = torch.tensor([pair_flops(C, sum(hs)) for hs in units], dtype=torch.float32, device=x.device)
@@ -957,7 +968,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
+            drop=dropout_layer(config.dropout),
             h=nn.ModuleList([Block(config, m) for m in moe_index]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
@@ -1036,8 +1047,8 @@ class GPT(nn.Module):
             raise ValueError(f"k_pool must be in [1, n_exp={self.config.n_exp}], got {k_pool}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p is a probability mass in (0, 1], got {top_p}")
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        pos_emb = self.transformer.wpe.weight[past:past + T]          # (T, C) positions past .. past + T - 1
+        x = self.transformer.drop(self.transformer.wte(idx) + pos_emb)  # (B, T, C)
         router_loss = x.new_zeros((), dtype=torch.float32)
         spent = torch.zeros(B * T, device=idx.device)                     # expert FLOPs per token
         loads, mean_widths, experts_per_token = [], [], []
@@ -1047,10 +1058,11 @@ class GPT(nn.Module):
                            k_pool, kv_cache[i] if kv_cache is not None else None, top_p)
             if moe is not None:
                 routing = moe.routing
-                router_loss = router_loss + routing.loss
+                if self.training:                  # in eval mode the routers' losses are zeros: skip the adds
+                    router_loss = router_loss + routing.loss
                 spent = spent + moe.spent
                 loads.append(routing.load)
-                mean_widths.append(moe.mean_width.detach())
+                mean_widths.append(moe.mean_width)
                 experts_per_token.append(float(ks[m]) if routing.used is None else
                                          routing.used.float().sum(dim=1).mean().item())
         x = self.transformer.ln_f(x)
@@ -1063,7 +1075,7 @@ class GPT(nn.Module):
         expert_flops = spent.mean().detach()
         stats = dict(expert_flops=expert_flops, load=loads, experts_per_token=experts_per_token,
                      flops_per_token=self.non_expert_flops + expert_flops,
-                     mean_width=torch.stack(mean_widths).mean() if mean_widths else torch.ones(()))
+                     mean_width=torch.stack(mean_widths).mean().detach() if mean_widths else torch.ones(()))
         return GPTOutput(logits, loss, router_loss, stats)
 
     # --- FLOPs ---
@@ -1127,10 +1139,10 @@ class GPT(nn.Module):
             else:
                 out = self(idx[:, -1:], kv_cache=cache, **dials)        # one new token
             flops.append(out.stats["flops_per_token"])
-            logits = out.logits[:, -1, :] / temperature
+            logits = out.logits[:, -1, :] if temperature == 1.0 else out.logits[:, -1, :] / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
+                logits = logits.masked_fill(logits < v[:, -1:], -float("inf"))
             idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx, (torch.stack(flops).mean().item() if flops else 0.0)
