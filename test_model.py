@@ -355,6 +355,33 @@ def test_generate_with_and_without_cache_agree_past_block_size():
     assert torch.equal(cached, out) and out.shape == (1, 34) and flops > 0
 
 
+def test_generate_top_k_keeps_only_the_k_most_likely_tokens():
+    # top_k=1 is greedy decoding: every token is the argmax of the logits that forward gives for its prefix
+    model = tiny().eval()
+    torch.manual_seed(3)
+    out, _ = model.generate(tokens(B=1, T=4), 12, top_k=1, temperature=0.7)
+    out = out.clone()                                    # generate's tensors are inference tensors
+    for t in range(4, out.size(1)):
+        assert out[0, t] == model(out[:, :t]).logits[0, -1].argmax()
+    # top_k=3: over many draws from one prefix, only the 3 most likely next tokens come up
+    prefix = tokens(B=1, T=4)
+    top3 = set(model(prefix).logits[0, -1].topk(3).indices.tolist())
+    drawn = {model.generate(prefix, 1, top_k=3)[0][0, -1].item() for _ in range(60)}
+    assert drawn <= top3 and len(drawn) > 1
+
+
+def test_dropout_only_where_asked():
+    # dropout 0 (the configs' default) builds no Dropout modules at all (decoding pays for each call); dropout
+    # > 0 builds them, and they act in training mode only
+    assert not any(isinstance(m, torch.nn.Dropout) for m in tiny().modules())
+    model, idx = tiny(dropout=0.5), tokens()
+    assert sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) == 1 + 2 * 2   # drop, and per block
+    model.train()                                                                       # attn + mlp/MoE
+    assert not torch.equal(model(idx, idx).loss, model(idx, idx).loss)
+    model.eval()
+    assert torch.equal(model(idx, idx).loss, model(idx, idx).loss)
+
+
 def test_reordering_hidden_units_keeps_full_width_function():
     model = tiny(bias=True)
     idx = tokens()
