@@ -370,6 +370,24 @@ def test_generate_top_k_keeps_only_the_k_most_likely_tokens():
     assert drawn <= top3 and len(drawn) > 1
 
 
+def test_generate_leaves_onednn_as_it_found_it():
+    # generate switches oneDNN off while decoding on the CPU in float32 (its GELU is slow on one row) and must
+    # restore the flag afterwards, also when decoding fails
+    model = tiny().eval()
+    assert torch.backends.mkldnn.enabled
+    model.generate(tokens(B=1, T=4), 3)
+    assert torch.backends.mkldnn.enabled
+    with pytest.raises(ValueError, match="width"):
+        model.generate(tokens(B=1, T=4), 3, width=2.0)
+    assert torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False                  # switched off by the user: stays off
+    try:
+        model.generate(tokens(B=1, T=4), 3)
+        assert not torch.backends.mkldnn.enabled
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
 def test_dropout_only_where_asked():
     # dropout 0 (the configs' default) builds no Dropout modules at all (decoding pays for each call); dropout
     # > 0 builds them, and they act in training mode only
