@@ -101,8 +101,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)   # (B, T, 3, nh, hs)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                       # 3 x (B, nh, T, hs)
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)]  # (B, nh, T, hs)
         if cache is not None:
             # KV cache for generation: keys/values of earlier positions are kept, only new ones computed.
             # Either the cache is empty (prefill, causal) or we add one token that sees everything before it.
