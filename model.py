@@ -170,11 +170,11 @@ class Router(nn.Module):
     def forward(self, x, k, k_pool=None, top_p=None):
         # x: (N, C) tokens; k: experts per token (with top_p: at most); k_pool: Elastic MoE co-activation pool
         # (training only); top_p: Matryoshka MoE's top-p routing, a probability mass in (0, 1]
-        if torch.is_autocast_enabled(x.device.type):   # (a context manager costs µs: only when needed)
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                logits = F.linear(x.float(), self.w_g.weight.float())  # (N, E)
-        else:
-            logits = F.linear(x.float(), self.w_g.weight.float())      # (N, E)
+        # autocast switched off only where it is on: entering torch.autocast costs µs, decoding is overhead-bound
+        fp32 = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) \
+            else contextlib.nullcontext()
+        with fp32:
+            logits = F.linear(x.float(), self.w_g.weight.float())  # (N, E)
         probs = logits.softmax(dim=-1)                              # (N, E)
         if k_pool is not None and k_pool > k:
             expert_idx = self.coactivation_sample(probs, k, k_pool)
@@ -191,11 +191,10 @@ class Router(nn.Module):
             top_probs = top_probs * used                            # unused pairs: gate 0
         gates = top_probs / top_probs.sum(dim=-1, keepdim=True)
         # load: fraction of all (token, expert) assignments that went to each expert; 1/E each when balanced
-        if used is None:
-            load = torch.bincount(expert_idx.flatten(), minlength=self.n_exp).float() / expert_idx.numel()  # (E,)
-        else:   # the used pairs only: the unused go to an extra bin E, dropped (no host sync, unlike indexing)
-            load = torch.bincount(expert_idx.masked_fill(~used, self.n_exp).flatten(), minlength=self.n_exp + 1)
-            load = load[:self.n_exp].float() / used.sum()                                # (E,)
+        # (top-p routing: only the used pairs count; the unused go to an extra bin E, dropped: no host sync)
+        pairs = expert_idx if used is None else expert_idx.masked_fill(~used, self.n_exp)
+        n_pairs = expert_idx.numel() if used is None else used.sum()
+        load = torch.bincount(pairs.flatten(), minlength=self.n_exp + 1)[:self.n_exp].float() / n_pairs   # (E,)
         if not self.training:   # the losses are a training objective: skipped in eval mode (decoding is
             return Routing(expert_idx, gates, probs, logits.new_zeros(()), load, used)  # overhead-bound)
         loss = self.aux_loss_weight * self.n_exp * (load * probs.mean(dim=0)).sum()   # Switch: = 1 at balance
@@ -1143,7 +1142,9 @@ class GPT(nn.Module):
                 else:
                     out = self(idx[:, -1:], kv_cache=cache, **dials)        # one new token
                 flops.append(out.stats["flops_per_token"])
-                logits = out.logits[:, -1, :] if temperature == 1.0 else out.logits[:, -1, :] / temperature
+                logits = out.logits[:, -1, :]
+                if temperature != 1.0:
+                    logits = logits / temperature
                 if top_k is not None:
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                     logits = logits.masked_fill(logits < v[:, -1:], -float("inf"))
