@@ -8,16 +8,19 @@ Read top to bottom:
                                  Matryoshka MoE's routing and an inference dial); load-balancing, z and
                                  hierarchical losses
   4. SlimmableExperts            stacked expert weights; expert e at width w runs its first h(w) hidden units;
-                                 GroupedSlimmableFFN, their fast path: one grouped matmul pair per width, with
-                                 the backward written out so that every width adds into one weight gradient
+                                 GroupedSlimmableFFN, their fast path: big blocks of rows (row_blocks: a width
+                                 over all experts on a GPU, an expert's widths back to back on the CPU), with
+                                 the backward written out so that every block adds into one weight gradient
   5. MoSELayer                   dropless sort-based dispatch: route -> widths -> sort -> run -> combine;
-                                 `dispatch` runs one grouped matmul pair per width, `dispatch_loop` (the
-                                 explanation and test reference) one matmul pair per (width, expert) bucket
+                                 `dispatch` runs the blocks above, `dispatch_loop` (the explanation and test
+                                 reference) one matmul pair per (width, expert) bucket; `forward_few` is
+                                 decoding's path (a token's k pairs one by one, no sort)
   6. Width policies              turn router probabilities into widths: uniform, confidence, and RandomWidth
                                  (training); fitting them to a FLOPs budget (bisection), by test-time training
                                  of gamma (ttt), by a search over gamma, a layer-wise allocator, and both
                                  dials at once (a width with the top-p routing that meets the budget)
-  7. Block, GPT                  forward(idx, targets, width, k_exp), flops_per_token, generate (KV cache)
+  7. Block, GPT                  forward(idx, targets, width, k_exp), flops_per_token, generate (KV cache;
+                                 without_onednn says why decoding on the CPU switches oneDNN off)
 
 References: MoSE (Tastan et al., ICML 2026, arXiv 2602.06154); Matryoshka MoE (arXiv 2509.26520);
 Elastic MoE (arXiv 2509.21892); Switch Transformer (load-balancing loss); ST-MoE (router z-loss);
