@@ -152,6 +152,7 @@ class MoEOutput(NamedTuple):
     routing: Routing           # the router's decisions and losses
     spent: torch.Tensor        # (N,) expert FLOPs each token spent in this layer
     mean_width: torch.Tensor   # () mean width over the (token, expert) pairs that ran
+    h: torch.Tensor = None     # (N, k) hidden units each (token, expert) pair ran (0: not run, top-p routing)
 
 
 class Router(nn.Module):
@@ -483,7 +484,7 @@ class MoSELayer(nn.Module):
             y = self.dispatch(x, r.expert_idx, r.gates, h, soft_mask=soft_mask)
         spent = pair_flops(C, h.sum(dim=1).float())                        # (N,) expert FLOPs of each token
         pairs = h.numel() if r.used is None else r.used.sum()
-        return MoEOutput(self.dropout(y).view(B, T, C), r, spent, h.float().sum() / pairs / self.experts.hidden)
+        return MoEOutput(self.dropout(y).view(B, T, C), r, spent, h.float().sum() / pairs / self.experts.hidden, h)
 
     def forward_few(self, x, width, k, top_p=None):
         """forward for a handful of (token, expert) pairs without autograd: what decoding one token needs.
@@ -512,7 +513,7 @@ class MoSELayer(nn.Module):
         spent = torch.tensor([pair_flops(C, sum(hs)) for hs in units], dtype=torch.float32, device=x.device)
         pairs = sum(h > 0 for hs in units for h in hs)
         mean_width = torch.tensor(sum(map(sum, units)) / pairs / self.experts.hidden, device=x.device)
-        return MoEOutput(self.dropout(y).view(B, T, C), r, spent, mean_width)
+        return MoEOutput(self.dropout(y).view(B, T, C), r, spent, mean_width, torch.tensor(units))
 
     def dispatch_used(self, x, r, h, soft_mask=None):
         """Top-p routing: the unused pairs leave the (token, expert) list before the dispatch, which sees each
@@ -1054,7 +1055,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + pos_emb)  # (B, T, C)
         router_loss = x.new_zeros((), dtype=torch.float32)
         spent = torch.zeros(B * T, device=idx.device)                     # expert FLOPs per token
-        loads, mean_widths, experts_per_token = [], [], []
+        loads, mean_widths, experts_per_token, pair_widths, pair_experts = [], [], [], [], []
         for i, block in enumerate(self.transformer.h):
             m = block.mlp.moe_index if isinstance(block.mlp, MoSELayer) else None
             x, moe = block(x, widths[m] if m is not None else None, ks[m] if m is not None else None,
@@ -1066,6 +1067,8 @@ class GPT(nn.Module):
                 spent = spent + moe.spent
                 loads.append(routing.load)
                 mean_widths.append(moe.mean_width)
+                pair_widths.append(moe.h.view(B, T, -1).float() / self.config.expert_hidden)   # (B, T, k)
+                pair_experts.append(routing.expert_idx.view(B, T, -1))                         # (B, T, k)
                 experts_per_token.append(float(ks[m]) if routing.used is None else
                                          routing.used.float().sum(dim=1).mean().item())
         x = self.transformer.ln_f(x)
@@ -1077,6 +1080,7 @@ class GPT(nn.Module):
             loss = None
         expert_flops = spent.mean().detach()
         stats = dict(expert_flops=expert_flops, load=loads, experts_per_token=experts_per_token,
+                     widths=pair_widths, experts=pair_experts,
                      flops_per_token=self.non_expert_flops + expert_flops,
                      mean_width=torch.stack(mean_widths).mean().detach() if mean_widths else torch.ones(()))
         return GPTOutput(logits, loss, router_loss, stats)
@@ -1125,7 +1129,7 @@ class GPT(nn.Module):
 
     @torch.inference_mode()   # no_grad and no autograd bookkeeping at all: 1.12x the tokens/s of no_grad here
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, width=None, k_exp=None,
-                 use_cache=True, route_top_p=None):
+                 use_cache=True, route_top_p=None, trace=None):
         """Sample max_new_tokens after idx (B, T). top_k is token sampling's; the compute dials are width,
         k_exp and route_top_p (top-p routing: forward's top_p). With use_cache, keys/values are kept between
         steps; once the context outgrows block_size the window slides and the cache is rebuilt each step
@@ -1145,6 +1149,8 @@ class GPT(nn.Module):
                 else:
                     out = self(idx[:, -1:], kv_cache=cache, **dials)        # one new token
                 flops.append(out.stats["flops_per_token"])
+                if trace is not None:   # what each step spent, for whoever watches (sample.py --show_widths)
+                    trace.append(out.stats)
                 logits = out.logits[:, -1, :]
                 if temperature != 1.0:
                     logits = logits / temperature
