@@ -3,12 +3,14 @@ Does the clock follow the FLOPs? Times the compute dial side by side and prints 
 ratios (medians of `repeats`, with the spread), all on random weights (speed does not depend on training):
 
   layer     one MoSELayer at the OpenWebText-small sizes, forward and forward+backward, uniform widths and
-            the confidence policy with Gamma fitted to each budget; also the bucket loop (dispatch_loop)
+            the confidence policy with Gamma fitted to each budget; with fast.py's paths and without
   model     the whole OpenWebText-small model's forward, time ratio vs flops_breakdown's ratio
   train     MoSE training steps against a plain MoE step (full width): the shipped single pass with a random
             width per (token, expert) pair (width_sampling='random_pair'), the paper's two passes (full width +
             one narrower width, as 'max_random'), and a uniform-width step
   decode    tokens/s of generate() with the KV cache, batch 1, at width 1 and 0.5, Shakespeare and OWT-small
+  fast      what fast.py saves end to end: the training step (plain MoE and random_pair) and decoding (both
+            models), each with fast.py's paths (GPT.set_fast(True), the default) and without, side by side
   nanomoe   (not in the default parts: it needs a nanoMoE checkout, whose code is never copied here) a training
             step of nanoMoE (github.com/wolfecameron/nanoMoE) and of this model at full width, side by side in
             one process, at nanoMoE-sized dims (4 layers, n_embd 128, 4 experts, top-2, MoE in every block), at
@@ -37,7 +39,7 @@ from configurator import configure, fail, setup_device
 from model import GPT, ConfidenceWidth, GPTConfig, MoSELayer, RandomWidth
 
 # -----------------------------------------------------------------------------
-parts = ("layer", "model", "train", "decode")
+parts = ("layer", "model", "train", "decode", "fast")
 repeats = 5
 clock = "wall"                  # 'wall' (perf_counter) or 'cpu' (process_time: robust to other processes)
 # the OpenWebText-small sizes (config/train_owt_mose_small.py)
@@ -71,9 +73,9 @@ config = configure(globals(), aliases={"json": "json_path"})
 parts = tuple(p for s in parts for p in s.split(","))   # --parts=layer,model arrives as one string
 if clock not in ("wall", "cpu"):
     fail(f"clock must be 'wall' or 'cpu', got '{clock}'")
-unknown = set(parts) - {"layer", "model", "train", "decode", "nanomoe"}
+unknown = set(parts) - {"layer", "model", "train", "decode", "fast", "nanomoe"}
 if unknown:
-    fail(f"parts must be among layer, model, train, decode, nanomoe; got {', '.join(sorted(unknown))}")
+    fail(f"parts must be among layer, model, train, decode, fast, nanomoe; got {', '.join(sorted(unknown))}")
 if max(model_seq, train_seq) > block_size:
     fail(f"model_seq and train_seq must be at most block_size ({block_size}); got {model_seq}, {train_seq}")
 if "nanomoe" in parts:   # checked and imported before any part runs, so a bad path fails at once
@@ -188,9 +190,8 @@ if "layer" in parts:
             name = f"confidence gamma={g:g} budget={b:g}"
             points[name], flops[name] = policy, spent
     base = f"uniform {uniform_widths[0]:g}"
-    for loop in (False, True):
-        if loop:
-            layer.dispatch = layer.dispatch_loop   # this instance only: the bucket loop, as before the fast path
+    for plain in (False, True):
+        layer.fast = not plain                     # fast.py's paths, or model.py's plain code alone
         for backward in (False, True):
             def run(w):
                 if not backward:
@@ -202,11 +203,9 @@ if "layer" in parts:
                         y = layer(xx, w, k_exp)[0]
                     y.float().square().mean().backward()
                 return timed(step)
-            name = f"layer {'forward+backward' if backward else 'forward'} ({'dispatch_loop' if loop else 'dispatch'})"
+            name = f"layer {'forward+backward' if backward else 'forward'} ({'plain' if plain else 'fast'})"
             report(name, round_robin(points, run), base, flops,
-                   dict(tokens=layer_tokens, dispatch="loop" if loop else "grouped", backward=backward))
-        if loop:
-            del layer.dispatch
+                   dict(tokens=layer_tokens, path="plain" if plain else "fast", backward=backward))
     del layer, x
 
 # --- the whole model's forward --------------------------------------------------------------------------
@@ -216,7 +215,7 @@ if "model" in parts or "train" in parts:
     calib = [torch.randint(0, vocab_size, (1, min(256, block_size)), device=device)]   # to fit Gamma on
 
     def fit_model_gamma(gamma, budget):
-        from model import fit_budget
+        from dials import fit_budget
         model.eval()
         return fit_budget(model, ConfidenceWidth(gamma, budget), calib, budget)
 
@@ -302,6 +301,56 @@ if "decode" in parts:
                              spread=[min(tps), max(tps)], speedup_vs_width_1=med, speedup_spread=[lo, hi],
                              flops_ratio=flops, times_s=ts))
         del model
+
+# --- what fast.py saves ---------------------------------------------------------------------------------
+if "fast" in parts:
+    print("\nfast.py: time without its paths / time with them (> 1: fast.py saves that much), same points side by side")
+    print(f"{'point':<52} {'fast ms':>9} {'plain ms':>9} {'speed-up':>9} {'spread':>13}")
+    shakespeare = GPTConfig(block_size=128, vocab_size=65, n_layer=4, n_head=4, n_embd=128, n_exp=8, k_exp=2,
+                            expert_hidden=256)
+    for mname, cfg in (("OWT-small", owt_config()), ("shakespeare", shakespeare)):
+        model = GPT(cfg).to(device)
+        sharpen_routers(model)
+        opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
+        seq = min(train_seq, cfg.block_size)
+        idx = torch.randint(0, cfg.vocab_size, (train_batch * (train_seq // seq), seq), device=device)
+        prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+        pair = RandomWidth(p_full=0.25, w_min=0.25, grid=0.25, generator=torch.Generator().manual_seed(seed))
+
+        def train_step(w):
+            model.train()
+            with ctx:
+                out = model(idx, idx, width=w)
+            (out.loss + out.router_loss).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def decode(w):
+            model.eval()
+            with ctx:
+                model.generate(prompt, decode_tokens, width=w, top_k=1)
+        points = {}
+        for what, fn, w in ((f"training step, plain MoE ({idx.numel()} tokens)", train_step, 1.0),
+                            (f"training step, random_pair ({idx.numel()} tokens)", train_step, pair),
+                            (f"decoding {decode_tokens} tokens, width 1", decode, 1.0),
+                            (f"decoding {decode_tokens} tokens, confidence Gamma 0.5", decode, ConfidenceWidth(1.0, 0.5))):
+            for on in (True, False):
+                points[(what, on)] = (fn, w, on)
+
+        def run(p):
+            fn, w, on = p
+            model.set_fast(on)
+            return timed(lambda: fn(w))
+        times = round_robin(points, run)
+        for what in dict.fromkeys(name for name, _ in points):
+            fast_t, plain_t = times[(what, True)], times[(what, False)]
+            med, lo, hi = ratio_stats(plain_t, fast_t)
+            print(f"{mname + ', ' + what:<52} {statistics.median(fast_t) * 1e3:9.1f} "
+                  f"{statistics.median(plain_t) * 1e3:9.1f} {med:9.3f} {lo:6.3f}..{hi:5.3f}")
+            rows.append(dict(part="fast", point=f"{mname}, {what}", fast_median_s=statistics.median(fast_t),
+                             plain_median_s=statistics.median(plain_t), speedup=med, spread=[lo, hi],
+                             fast_times_s=fast_t, plain_times_s=plain_t))
+        del model, opt
 
 # --- against nanoMoE -------------------------------------------------------------------------------------
 if "nanomoe" in parts:

@@ -22,6 +22,16 @@ def fail(msg):
     sys.exit(f"{prog}: {msg}")
 
 
+def check_ranges(config, rules):
+    """Fail with one line at the first config value outside its range: rules maps a key to (test, what),
+    e.g. {"learning_rate": (lambda v: v > 0, "> 0")}, so a bad number never reaches torch."""
+    for key, (ok, what) in rules.items():
+        value = config[key]
+        for v in (value if isinstance(value, tuple) else (value,)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+                fail(f"--{key} must be {what}, got {value!r}")
+
+
 def coerce(key, value, default):
     """Return value converted to the type of default, or fail with a clear line."""
     if isinstance(default, bool) or default is None:
@@ -46,7 +56,9 @@ def parse(text):
         return text   # a bare string, e.g. --dataset=shakespeare_char
 
 
-def configure(defaults, argv=None, aliases=None):
+def configure(defaults, argv=None, aliases=None, given=None):
+    """Apply config files and --key=value overrides to `defaults` (a script's globals()); returns the config.
+    `given`, a set, receives the keys set on the command line (a script may let them win over a config's)."""
     known = {k for k, v in defaults.items()
              if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))}
     for arg in (sys.argv[1:] if argv is None else argv):
@@ -77,6 +89,8 @@ def configure(defaults, argv=None, aliases=None):
             # a string key takes the text as it is (--start=1999 is a prompt, not a number)
             items = [(key, text if isinstance(defaults.get(key), str) else parse(text))]
             print(f"Overriding: {key} = {text}")
+            if given is not None:
+                given.add(key)
         for key, value in items:
             if key not in known:
                 close = [k for k in sorted(known) if key.split("_")[0] in k][:6]

@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 
+from test_dispatch import masked_reference
 from model import GPT, GPTConfig
 from test_model import tiny, tokens
 
@@ -60,11 +61,12 @@ def test_top_p_layer_matches_reference_and_spends_only_used_pairs(width):
         model.zero_grad()
         xx = x.clone().requires_grad_()
         if fast:
-            y, r, spent, _ = layer(xx, width, 4, None, 0.6)
+            out = layer(xx, width, 4, None, 0.6)
+            y, r, spent = out.y, out.routing, out.spent
         else:
             r = layer.router(xx.view(60, 64), 4, top_p=0.6)
             h = layer.experts.h(torch.full_like(r.gates, width)) * r.used
-            y = layer.experts.forward_reference(xx.view(60, 64), r.expert_idx, r.gates, h).view(2, 30, 64)
+            y = masked_reference(layer.experts, xx.view(60, 64), r.expert_idx, r.gates, h).view(2, 30, 64)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         results.append([y.detach(), xx.grad] + [p.grad.clone() for p in layer.parameters()])
     for a, b in zip(*results):
@@ -106,7 +108,7 @@ def train_rows(data_dir, out_dir, *extra, steps):
     rows = [r for r in log_rows(out_dir) if "loss" in r]
     assert [r["iter"] for r in rows] == list(range(1, steps + 1))
     flops = [b["train_flops"] - a for a, b in zip([0.0] + [r["train_flops"] for r in rows], rows)]
-    from model import load_checkpoint
+    from checkpoint import load_checkpoint
     return rows, flops, load_checkpoint(str(out_dir / "ckpt.pt"))[0]
 
 
@@ -279,9 +281,10 @@ def sharp_router(model):
 
 
 def test_search_meets_the_budget_and_beats_every_gamma_of_its_grid():
-    from model import ConfidenceWidth, calibration_loss, expert_flops_fraction, fit_budget, fit_search, make_policy
+    from dials import calibration_loss, expert_flops_fraction, fit_budget, fit_search, make_policy
+    from model import ConfidenceWidth
     model, batches = sharp_router(tiny(moe_stride=1)), calib()
-    xs = [x for x, _ in batches[:4]]
+    xs = [x for x, _ in batches]                           # what the fit meets its budget on: all of them
     grid = (0.0, 1.0, 2.0, 4.0)
     p = fit_search(model, batches, 0.5, gammas=grid, refine=3)
     assert isinstance(p, ConfidenceWidth)
@@ -297,7 +300,7 @@ def test_search_meets_the_budget_and_beats_every_gamma_of_its_grid():
 
 
 def test_allocator_narrows_the_layer_that_costs_least_first():
-    from model import allocate_budget, calibration_loss, make_policy
+    from dials import allocate_budget, calibration_loss, make_policy
     model, batches = sharp_router(tiny(moe_stride=1)), calib()
     with torch.no_grad():   # layer 1's experts add nothing: narrowing them is free, narrowing layer 0 is not
         model.transformer.h[1].mlp.experts.c_proj.zero_()
@@ -322,9 +325,9 @@ def test_allocator_narrows_the_layer_that_costs_least_first():
 def test_width_top_p_meets_the_budget_and_beats_its_two_ends():
     # both dials for one budget: each width on the grid gets the largest top-p that fits the budget; the ends of
     # the search are the uniform width = budget (all k experts) and width = k x budget (about one expert a token)
-    from model import calibration_loss, expert_flops_fraction, fit_width_top_p, largest_top_p, make_policy
+    from dials import calibration_loss, expert_flops_fraction, fit_width_top_p, largest_top_p, make_policy
     model, batches = sharp_router(tiny(moe_stride=1)), calib()
-    xs = [x for x, _ in batches[:4]]
+    xs = [x for x, _ in batches]                           # what the fit meets its budget on: all of them
     w, p = fit_width_top_p(model, batches, 0.4)
     assert 0.4 <= w <= 0.8 and (p is None or 0 < p < 1)
     assert expert_flops_fraction(model, w, xs, top_p=p) <= 0.4 * 1.01                  # meets the budget
@@ -344,9 +347,9 @@ def test_width_top_p_meets_the_budget_and_beats_its_two_ends():
 
 
 def test_width_top_p_at_k_1_per_layer_k_and_dense():
-    from model import expert_flops_fraction, fit_width_top_p
+    from dials import expert_flops_fraction, fit_width_top_p
     model, batches = sharp_router(tiny(moe_stride=1)), calib()
-    xs = [x for x, _ in batches[:4]]
+    xs = [x for x, _ in batches]                           # what the fit meets its budget on: all of them
     # k = 1: top-p has nothing to drop, so the answer is the widest uniform width within the budget, also when
     # the budget falls between two grid points (0.33: width 0.3 here, which spends 0.3)
     assert fit_width_top_p(model, batches, 0.33, k_exp=1) == (0.3, None)
@@ -432,7 +435,8 @@ def test_sample_fits_width_and_top_p_together(two_layer_ckpt):
 
 def test_width_ladder_one_width_per_hidden_size_down_to_w_min():
     # the ladder that allocate_budget and fit_width_top_p both step through
-    from model import hidden_units, width_ladder
+    from dials import width_ladder
+    from model import hidden_units
     cfg = GPTConfig(n_embd=64, n_head=4, expert_hidden=256, width_multiple=1)
     assert width_ladder(cfg, 0.25, 0.25) == [1.0, 0.75, 0.5, 0.25]
     assert width_ladder(cfg, 0.3, 0.3) == [1.0, 0.7, 0.4, 0.3]              # w_min off the grid is still reached

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import GPT, GPTConfig, save_checkpoint
+from checkpoint import save_checkpoint
+from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 BLOCK = 32

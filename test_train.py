@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from model import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--n_exp=4", "--k_exp=2", "--expert_hidden=64",

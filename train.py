@@ -22,13 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import configure, fail, setup_device
-from model import GPT, GPTConfig, MoSELayer, RandomWidth, check_tokenizer, check_width, load_checkpoint, save_checkpoint
+from configurator import check_ranges, configure, fail, setup_device
+from checkpoint import check_tokenizer, load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, MoSELayer, RandomWidth, check_width
 
 # -----------------------------------------------------------------------------
-# defaults: a small MoSE on character-level Shakespeare. config/train_shakespeare_mose.py is the tuned main job
-# and differs on purpose: experts of 2 * n_embd (so the dense baseline matches its FLOPs), learning_rate 2e-3,
-# the single-pass random_pair recipe and a compute budget (max_train_flops) instead of max_iters
+# defaults: a small MoSE on character-level Shakespeare, trained with the shipped recipe (random_pair). The main
+# job, config/train_shakespeare_mose.py, adds what a fair comparison needs: experts of 2 * n_embd (two active cost
+# one dense MLP), evaluation at k = 1 and 4, and a compute budget (max_train_flops) instead of a step count
 # I/O
 out_dir = "out"
 eval_interval = 250
@@ -58,18 +59,21 @@ bias = False
 n_exp = 8                       # 0 = dense GPT
 k_exp = 2
 moe_stride = 2
-expert_hidden = 0               # 0 = 4 * n_embd
+expert_hidden = 0               # 0 = 4 * n_embd (a GPT-2 MLP per expert; the Shakespeare config halves it)
 width_multiple = 1
 aux_loss_weight = 0.01
 z_loss_weight = 0.001
 hr_loss_weight = 0.0            # Elastic MoE hierarchical router loss
 # MoSE multi-width training
-width_sampling = "max_random"   # 'max_random' | 'sandwich' | 'fixed' | 'random_step' | 'random_pair' | 'none'
-                                # (see sample_widths below; 'none' is a plain MoE run)
-p_full = 0.5                    # random_step / random_pair: probability of the full width (else a random width)
+width_sampling = "random_pair"  # 'random_pair' (the shipped recipe: one pass, a random width per (token, expert)
+                                # pair) | 'max_random' (the MoSE paper: full width + a random one) | 'sandwich' |
+                                # 'fixed' | 'random_step' | 'none' (a plain MoE run); see sample_widths below
+p_full = 0.25                   # random_step / random_pair: probability of the full width (else a random width)
 w_min = 0.25                    # narrowest width trained
 n_random_widths = 1             # random widths per step (sandwich: besides the widest and the narrowest)
-width_grid = 0.0                # > 0: random widths snapped to this grid (e.g. 0.05); 0: continuous
+width_grid = 0.25               # > 0: random widths snapped to this grid; 0: continuous. Snapping a uniform draw
+                                # halves the end points' share: random_pair's widths 1 / 0.75 / 0.5 / 0.25 come
+                                # 37.5 / 25 / 25 / 12.5 % of the time (printed at start-up)
 fixed_widths = (1.0, 0.5)       # the widths of width_sampling='fixed'
 width_per_layer = False         # each MoE layer draws its own random width
 distill_weight = 0.0            # in-place distillation of narrower widths from the widest (detached)
@@ -91,8 +95,9 @@ k_pool = 0                      # Elastic MoE co-activation sampling from the to
 eval_widths = (1.0, 0.75, 0.5, 0.25)
 eval_k = ()                     # k_exp values to evaluate besides the training one, e.g. (1, 4)
 # AdamW and schedule
-learning_rate = 1e-3
-max_iters = 1000
+learning_rate = 2e-3            # a small model on few tokens per step takes a large rate
+max_iters = 2000                # the configs give a compute budget instead (max_train_flops): an explicit
+                                # --max_iters on the command line wins over a config's budget
 max_train_flops = 0.0           # > 0: train for this many FLOPs (forward + backward, all passes) instead of
                                 # max_iters; the LR schedule then runs on spent compute (see schedule_clock)
 weight_decay = 0.1
@@ -102,24 +107,37 @@ grad_clip = 1.0
 decay_lr = True
 warmup_iters = 50
 lr_decay_iters = 0              # 0 = max_iters
-min_lr = 1e-4
+min_lr = 2e-4
 # system
 backend = "auto"                # DDP backend: nccl on cuda, gloo elsewhere
 device = "auto"                 # cuda, then mps, then cpu
 dtype = "auto"                  # bfloat16 where supported, else float16 on cuda; float32 elsewhere
 compile = False                 # torch.compile the model (useful on GPUs; the dispatch loop breaks graphs)
 seed = 1337
-config = configure(globals())
+command_line = set()            # the keys given as --key=value (filled by configure)
+config = configure(globals(), given=command_line)
 # -----------------------------------------------------------------------------
 
-# checks that fail early with one line, rather than deep inside a run
-WIDTH_SAMPLING = ("max_random", "sandwich", "fixed", "random_step", "random_pair", "none")
+# checks that fail early with one line, rather than deep inside a run: every number in its range first
+at_least = lambda n: (lambda v: v >= n, f">= {n}")
+below_one = (lambda v: 0 <= v < 1, "in [0, 1)")
+probability = (lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+check_ranges(config, {
+    **{k: at_least(1) for k in ("n_layer", "n_head", "n_embd", "k_exp", "moe_stride", "width_multiple", "k_min",
+                                "batch_size", "block_size", "gradient_accumulation_steps", "eval_interval",
+                                "log_interval", "eval_iters")},
+    **{k: at_least(0) for k in ("n_exp", "expert_hidden", "k_max", "k_pool", "n_random_widths", "max_iters",
+                                "max_train_flops", "holdout_tokens", "warmup_iters", "lr_decay_iters", "min_lr",
+                                "weight_decay", "grad_clip", "aux_loss_weight", "z_loss_weight", "hr_loss_weight",
+                                "distill_weight", "seed")},
+    "learning_rate": (lambda v: v > 0, "> 0"), "k_tau": (lambda v: v > 0, "> 0"),
+    "top_p": (lambda v: 0 < v <= 1, "a probability mass in (0, 1]"),
+    "dropout": below_one, "beta1": below_one, "beta2": below_one, "p_full": probability,
+    "width_grid": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = continuous)"),
+})
+WIDTH_SAMPLING = ("random_pair", "max_random", "sandwich", "fixed", "random_step", "none")
 if width_sampling not in WIDTH_SAMPLING:
     fail(f"width_sampling must be one of {', '.join(WIDTH_SAMPLING)}, got '{width_sampling}'")
-if not 0.0 <= p_full <= 1.0:
-    fail(f"p_full is a probability in [0, 1], got {p_full}")
-if max_train_flops < 0 or holdout_tokens < 0:
-    fail("max_train_flops and holdout_tokens must be >= 0 (0 = off)")
 if width_data not in ("same", "fresh"):
     fail(f"width_data must be same or fresh, got '{width_data}'")
 if width_data == "fresh" and distill_weight > 0:
@@ -127,21 +145,20 @@ if width_data == "fresh" and distill_weight > 0:
 K_SAMPLING = ("none", "layer", "capacity", "step", "micro", "top_p")
 if k_sampling not in K_SAMPLING:
     fail(f"k_sampling must be one of {', '.join(K_SAMPLING)}, got '{k_sampling}'")
-if not k_tau > 0:
-    fail(f"k_tau (the temperature of k_sampling='capacity') must be > 0, got {k_tau}")
-if not 0 < top_p <= 1:
-    fail(f"top_p (the probability mass of k_sampling='top_p') must be in (0, 1], got {top_p}")
 if k_sampling == "top_p" and (k_min != 1 or k_pool):
     fail("k_sampling='top_p' gives each token 1 to k_max experts by probability: leave k_min at 1 and k_pool at 0")
+if "max_iters" in command_line and max_train_flops:   # nanoGPT's habit, --max_iters=40 for a quick run, wins
+    if "max_train_flops" in command_line:
+        fail("--max_iters and --max_train_flops both set the run's length: give one of them")
+    print(f"--max_iters={max_iters} on the command line wins: the config's compute budget (max_train_flops="
+          f"{max_train_flops:g}) is not used")
+    max_train_flops = 0.0
 one_pass = width_sampling in ("random_step", "none") or width_sampling == "random_pair" and not distill_weight
 if detach_router and one_pass:
     fail(f"detach_router acts on the passes after the first, and width_sampling='{width_sampling}' has one pass: "
          "use max_random, sandwich or fixed")
 if width_sampling == "fixed" and not fixed_widths:
     fail("width_sampling='fixed' trains the widths in fixed_widths: give at least one, e.g. --fixed_widths=1.0,0.5")
-if min(eval_interval, log_interval, eval_iters, batch_size, block_size, gradient_accumulation_steps) < 1 or max_iters < 0:
-    fail("eval_interval, log_interval, eval_iters, batch_size, block_size and gradient_accumulation_steps must be "
-         ">= 1, and max_iters >= 0")
 k_max = k_max or k_exp
 lr_decay_iters = lr_decay_iters or max_iters
 try:
@@ -387,7 +404,12 @@ def finished():
 if master_process:
     print(f"parameters: {model.get_num_params() / 1e6:.2f}M, forward FLOPs/token at full width: "
           f"{model.flops_per_token() / 1e6:.2f}M" + (f"; training budget {max_train_flops:.3e} FLOPs = "
-          f"{max_iters:.1f} plain-MoE steps (max_iters is not used)" if max_train_flops else ""))
+          f"{max_iters:.1f} plain-MoE steps" if max_train_flops else ""))
+    if n_exp and width_sampling == "random_pair":   # what the recipe really draws (snapping skews a uniform draw)
+        mix = RandomWidth(p_full, w_min, width_grid).mix()
+        print("random_pair: each (token, expert) pair draws its width, " + (", ".join(
+            f"{w:g} with probability {p:.3f}" for w, p in mix.items()) if mix else
+            f"1 with probability {p_full:g}, else uniform in [{w_min:g}, 1]"))
 # GradScaler only for float16 on cuda: bf16 has fp32's range, and fp32 needs no scaling
 scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16" and device_type == "cuda"))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
@@ -432,12 +454,23 @@ def sample_widths():
         return [1.0 if torch.rand((), generator=width_gen).item() < p_full else rand()]
     if width_sampling == "random_pair":  # one pass: every (token, expert) pair draws its own width; with
         # distillation a full-width pass comes first, as the teacher (it costs a plain-MoE step more)
-        return [1.0] * (distill_weight > 0) + [RandomWidth(p_full, w_min, width_grid, width_gen)]
+        return [1.0] * (distill_weight > 0) + [RandomWidth(p_full, w_min, width_grid)]   # draws: width_of()
     if width_sampling == "max_random":   # the MoSE paper: the full width plus a random one
         return [1.0] + [rand() for _ in range(n_random_widths)]
     if width_sampling == "sandwich":     # slimmable networks: the widest, the narrowest, random ones between
         return [1.0, w_min] + [rand() for _ in range(n_random_widths)]
     return sorted(fixed_widths, reverse=True)
+
+
+def width_of(width, micro_step):
+    """A pass's width for this rank's micro-batch. random_pair draws from a generator of each micro-batch's own,
+    seeded by the step and the micro-batch's index among all ranks': N processes draw exactly what one process
+    with N times the gradient accumulation draws, and a resumed run what it would have drawn."""
+    if not isinstance(width, RandomWidth):
+        return width
+    micro_batch = micro_step * ddp_world_size + ddp_rank
+    g = torch.Generator().manual_seed(seed + 1_000_003 * iter_num + micro_batch)
+    return RandomWidth(width.p_full, width.w_min, width.grid, g)
 
 
 def sample_k():
@@ -568,7 +601,7 @@ def stop_non_finite(widths, ks, batches, loss, grad_norm):
         for i, width in enumerate(widths):
             for micro_step, (X, Y) in enumerate(batches[i]):
                 if not first:
-                    raw_model(X, Y, width=width if n_exp else None, k_exp=k_of(ks, micro_step),
+                    raw_model(X, Y, width=width_of(width, micro_step) if n_exp else None, k_exp=k_of(ks, micro_step),
                               k_pool=k_pool or None, top_p=route_top_p)
                     at_width = width
     for h in hooks:
@@ -626,8 +659,8 @@ while True:
             if ddp:   # sync gradients only on the very last backward of the step (flat, instead of no_sync())
                 model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1 and i == len(widths) - 1
             with ctx:
-                out = model(X, Y, width=width if n_exp else None, k_exp=k_of(ks, micro_step), k_pool=k_pool or None,
-                            top_p=route_top_p)
+                out = model(X, Y, width=width_of(width, micro_step) if n_exp else None, k_exp=k_of(ks, micro_step),
+                            k_pool=k_pool or None, top_p=route_top_p)
                 loss = out.loss + out.router_loss
                 if teacher is not None:   # in-place distillation: learn the widest width's predictions too
                     kd = -(F.softmax(teacher, -1) * F.log_softmax(out.logits.float(), -1)).sum(-1).mean()
@@ -687,4 +720,7 @@ if master_process and iter_num > 0:
               f"{raw_model.flops_per_token(w if n_exp else 1.0, k) / 1e6:11.3f}M")
 if ddp:   # wait for rank 0 to finish its last checkpoint: a rank that tears down first can abort the job
     barrier()
+    # DDP holds the process group: release it first, so gloo's threads end now, not while the interpreter
+    # is being torn down (where they abort the process: "terminate called without an active exception")
+    del model
     destroy_process_group()
