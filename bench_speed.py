@@ -9,8 +9,8 @@ ratios (medians of `repeats`, with the spread), all on random weights (speed doe
             width per (token, expert) pair (width_sampling='random_pair'), the paper's two passes (full width +
             one narrower width, as 'max_random'), and a uniform-width step
   decode    tokens/s of generate() with the KV cache, batch 1, at width 1 and 0.5, Shakespeare and OWT-small
-  fast      what fast.py saves end to end: the training step (plain MoE and random_pair) and decoding (both
-            models), each with fast.py's paths (GPT.set_fast(True), the default) and without, side by side
+  fast      what fast.py saves end to end: decoding (both models), and the training step as a check that it
+            takes no fast path, each with fast.py's path (GPT.set_fast(True), the default) and without
   nanomoe   (not in the default parts: it needs a nanoMoE checkout, whose code is never copied here) a training
             step of nanoMoE (github.com/wolfecameron/nanoMoE) and of this model at full width, side by side in
             one process, at nanoMoE-sized dims (4 layers, n_embd 128, 4 experts, top-2, MoE in every block), at

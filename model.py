@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fast   # speed paths for decoding and for training's backward, each tested against the plain code here
+import fast   # decoding's speed path (a token's pairs one by one), tested against the plain code here
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -307,7 +307,7 @@ class MoSELayer(nn.Module):
         self.router = Router(config)
         self.experts = SlimmableExperts(config)
         self.dropout = nn.Dropout(config.dropout)
-        self.fast = True                   # take fast.py's paths where they apply (GPT.set_fast)
+        self.fast = True                   # decode with fast.py's path (GPT.set_fast)
 
     def forward(self, x, width=1.0, k=2, k_pool=None, top_p=None):
         B, T, C = x.shape
@@ -355,13 +355,10 @@ class MoSELayer(nn.Module):
         rows = x[token]                                                    # (pairs, C) gathered inputs
         mask = None if soft_mask is None else soft_mask.flatten(0, 1)[order]   # (pairs, H)
         # 3. run each width on all its experts
-        if self.fast and torch.is_grad_enabled():                          # training: fast.py's backward
-            y = fast.run_widths(self.experts, rows, expert, plan, mask)
-        else:
-            sizes = [sum(c) for _, c in plan]
-            y = torch.cat([self.experts(r, e, c, units_b, m) for (units_b, c), r, e, m in
-                           zip(plan, rows.split(sizes), expert.split(sizes),
-                               mask.split(sizes) if mask is not None else [None] * len(plan))])   # (pairs, C)
+        sizes = [sum(c) for _, c in plan]
+        masks = mask.split(sizes) if mask is not None else [None] * len(plan)
+        y = torch.cat([self.experts(r, e, c, units_b, m) for (units_b, c), r, e, m in
+                       zip(plan, rows.split(sizes), expert.split(sizes), masks)])   # (pairs, C)
         # 4. combine: add each row back to its token, weighted by its gate
         y = y * gate[:, None].to(y.dtype)
         return torch.zeros(N, x.size(1), dtype=y.dtype, device=x.device).index_add_(0, token, y)
@@ -539,7 +536,7 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
 
     def set_fast(self, on=True):
-        """fast.py's speed paths on (the default) or off (only the plain code of this file runs)."""
+        """fast.py's decoding path on (the default) or off (only the plain code of this file runs)."""
         for m in self.modules():
             if isinstance(m, MoSELayer):
                 m.fast = on

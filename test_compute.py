@@ -37,6 +37,22 @@ def test_random_width_samples_full_width_with_p_full_else_the_grid():
     assert abs(w.mean().item() - 0.8125) < 0.005
 
 
+@pytest.mark.parametrize("p_full,w_min,grid", [(0.25, 0.25, 0.25), (0.5, 0.3, 0.25), (0.0, 0.25, 0.05), (0.1, 1.0, 0.25)])
+def test_random_width_mix_is_what_it_draws(p_full, w_min, grid):
+    # the stated mix (RandomWidth.mix, printed by train.py) against 200,000 draws; the shipped recipe's defaults
+    # draw 1 / 0.75 / 0.5 / 0.25 with 37.5 / 25 / 25 / 12.5 %: snapping halves the end points' share
+    policy = RandomWidth(p_full, w_min, grid, torch.Generator().manual_seed(0))
+    mix = policy.mix()
+    assert math.isclose(sum(mix.values()), 1.0)
+    w = policy(torch.zeros(100000, 2), 0)
+    drawn = {round(v, 6): (w == v).float().mean().item() for v in w.unique().tolist()}
+    assert set(drawn) == {round(v, 6) for v in mix}
+    assert all(abs(drawn[round(v, 6)] - p) < 0.005 for v, p in mix.items())
+    if (p_full, w_min, grid) == (0.25, 0.25, 0.25):
+        assert mix == {1.0: 0.375, 0.75: 0.25, 0.5: 0.25, 0.25: 0.125}
+        assert RandomWidth().mix() == mix                     # RandomWidth's defaults are the shipped recipe's
+
+
 def test_random_width_is_continuous_without_a_grid_and_reproducible():
     gates = torch.full((5000, 2), 0.5)
     a = RandomWidth(0.0, 0.3, 0.0, torch.Generator().manual_seed(3))(gates, 0)
@@ -44,6 +60,7 @@ def test_random_width_is_continuous_without_a_grid_and_reproducible():
     assert torch.equal(a, b)                                  # the generator's state is the whole story
     assert a.min() >= 0.3 and a.max() <= 1.0 and a.unique().numel() > 4000
     assert RandomWidth(1.0, 0.3, 0.0, torch.Generator())(gates, 0).eq(1.0).all()
+    assert RandomWidth(0.0, 0.3, 0.0).mix() is None
     with pytest.raises(ValueError, match="w_min must be in"):
         RandomWidth(0.5, 0.0)
 
