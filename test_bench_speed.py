@@ -18,16 +18,18 @@ def test_bench_speed_runs_every_part_and_writes_json(tmp_path):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {r["part"] for r in rows} >= {"layer forward (dispatch)", "layer forward+backward (dispatch_loop)",
+    assert {r["part"] for r in rows} >= {"layer forward (fast)", "layer forward+backward (plain)", "fast",
                                          "model forward (OpenWebText-small, random weights)",
                                          "training step (OpenWebText-small, AdamW)", "decode"}
-    layer = {r["point"]: r for r in rows if r["part"] == "layer forward (dispatch)"}
+    layer = {r["point"]: r for r in rows if r["part"] == "layer forward (fast)"}
     assert layer["uniform 0.5"]["flops_ratio"] == 0.5 and layer["uniform 1"]["time_ratio"] == 1.0
     assert 0.4 < layer["confidence gamma=1 budget=0.5"]["flops_ratio"] < 0.6   # Gamma fitted to the budget
     assert all(r["tokens_per_s"] > 0 for r in rows if r["part"] == "decode")
     train = {r["point"]: r for r in rows if r["part"] == "training step (OpenWebText-small, AdamW)"}
     assert train["MoSE step (width 1 + 0.5)"]["flops_ratio"] > 1.0                  # two passes
     assert 0.5 < train["MoSE step (random_pair, p_full 0.25)"]["flops_ratio"] < 1.0   # one pass, narrower pairs
+    fast = {r["point"]: r for r in rows if r["part"] == "fast"}
+    assert len(fast) == 8 and all(r["speedup"] > 0 and len(r["fast_times_s"]) == 1 for r in fast.values())
 
 
 def test_bench_speed_rejects_an_unknown_part():

@@ -80,6 +80,15 @@ def test_random_width_forward_spends_what_its_widths_say():
 
 # --- train.py: compute counted, compute budgets ----------------------------------------------------------
 
+def test_max_iters_on_the_command_line_wins_over_a_configs_budget(char_data, tmp_path):
+    # nanoGPT's habit: python train.py config/... --max_iters=3 runs 3 steps, not the config's 4e13 FLOPs
+    p = train(char_data, tmp_path, "config/train_shakespeare_mose.py", *TINY, "--max_iters=3", "--eval_interval=3",
+              "--out_dir=" + str(tmp_path))
+    assert "--max_iters=3 on the command line wins" in p.stdout
+    assert [r["iter"] for r in log_rows(tmp_path) if "loss" in r] == [1, 2, 3]
+    assert "random_pair: each (token, expert) pair draws its width, 1 with probability 0.375" in p.stdout
+
+
 def test_a_compute_budget_replaces_the_step_count(char_data, tmp_path):
     step = moe_step_flops()
     budget = 12 * step
@@ -97,7 +106,7 @@ def test_a_compute_budget_replaces_the_step_count(char_data, tmp_path):
 
     # MoSE's full + random width costs more per step: the same budget buys fewer steps, and ends within a step
     train(char_data, tmp_path / "mose", f"--max_train_flops={budget}", "--width_sampling=max_random",
-          "--width_data=fresh", "--eval_interval=100")
+          "--width_data=fresh", "--eval_interval=100", "--width_grid=0")   # continuous: never snapped to 1
     rows = [r for r in log_rows(tmp_path / "mose") if "loss" in r]
     assert 6 <= len(rows) < 12
     assert budget <= rows[-1]["train_flops"] < budget + 2 * step
@@ -147,7 +156,7 @@ def test_random_pair_with_distillation_adds_a_full_width_teacher_pass(char_data,
 ])
 def test_random_step_draws_one_width_per_step(char_data, tmp_path, p_full, check):
     train(char_data, tmp_path, "--max_iters=4", "--eval_interval=4", "--width_sampling=random_step",
-          f"--p_full={p_full}")
+          f"--p_full={p_full}", "--width_grid=0")
     rows = [r for r in log_rows(tmp_path) if "widths" in r]
     assert len(rows) == 4 and all(check(r["widths"]) for r in rows), rows
 
@@ -161,8 +170,8 @@ def test_holdout_is_evaluated_and_bad_values_are_one_line(char_data, tmp_path):
     assert evals[-1]["holdout/w=1"] != evals[-1]["val/w=1"]
     for bad, message in [("--holdout_tokens=32", "holdout_tokens (32) must exceed block_size (32)"),
                          ("--holdout_tokens=2000000", "after holding out 2000000"),
-                         ("--p_full=1.5", "p_full is a probability in [0, 1]"),
-                         ("--max_train_flops=-1", "max_train_flops and holdout_tokens must be >= 0")]:
+                         ("--p_full=1.5", "--p_full must be a probability in [0, 1], got 1.5"),
+                         ("--max_train_flops=-1", "--max_train_flops must be >= 0")]:
         p = train(char_data, tmp_path / "bad", bad, ok=False)
         assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert message in p.stderr, p.stderr

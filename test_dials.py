@@ -167,8 +167,8 @@ def test_top_p_routing_in_training(char_data, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--k_sampling=capcity"], "k_sampling must be one of none, layer, capacity, step, micro, top_p, got 'capcity'"),
-    (["--k_sampling=capacity", "--k_tau=0"], "k_tau (the temperature of k_sampling='capacity') must be > 0, got 0.0"),
-    (["--k_sampling=top_p", "--top_p=1.5"], "top_p (the probability mass of k_sampling='top_p') must be in (0, 1]"),
+    (["--k_sampling=capacity", "--k_tau=0"], "--k_tau must be > 0, got 0.0"),
+    (["--k_sampling=top_p", "--top_p=1.5"], "--top_p must be a probability mass in (0, 1]"),
     (["--k_sampling=top_p", "--k_min=2", "--k_max=3"], "leave k_min at 1 and k_pool at 0"),
 ])
 def test_bad_k_sampling_values_are_one_clear_line(char_data, tmp_path, args, message):

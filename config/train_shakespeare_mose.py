@@ -1,4 +1,5 @@
-# MoSE on character-level Tiny Shakespeare: the main job, sized for a laptop CPU (about 10 minutes on 2 cores).
+# MoSE on character-level Tiny Shakespeare: the main job, sized for a laptop CPU (about 15-20 minutes on one core
+# of a laptop-class CPU).
 # python prepare_data.py shakespeare_char && python train.py config/train_shakespeare_mose.py
 out_dir = 'out-shakespeare-mose'
 dataset = 'shakespeare_char'
@@ -23,10 +24,11 @@ expert_hidden = 256              # 2 * n_embd: two active experts cost what one 
 
 # MoSE, trained in one pass per step: every (token, expert) pair draws its own width, the full width with
 # probability p_full, else uniform in [w_min, 1] on a grid. p_full and the grid were chosen on held-out training
-# text (README, "choosing the recipe"). The run's length is a compute budget, not a step count: 4.0e13 FLOPs is
-# what 1,000 steps of the MoSE paper's recipe cost here (the full width plus one random width), and what 1,887
-# steps of the plain MoE cost; these cheaper single passes take about 2,060 steps. The configs of the baselines
-# inherit the budget, so every model of the comparison trains on the same compute. The paper's recipe:
+# text (RESULTS.md, "Choosing the recipe", in "why: the hypotheses and the recipe choice"). The run's length is
+# a compute budget, not a step count: 4.0e13 FLOPs is what 1,000 steps of the MoSE paper's recipe cost here (the
+# full width plus one random width), and what 1,887 steps of the plain MoE cost; these cheaper single passes take
+# about 2,060 steps. The configs of the baselines inherit the budget, so every model of the comparison trains on
+# the same compute. The paper's recipe:
 #   --width_sampling=max_random --width_data=same --width_grid=0   ('fresh': each width on a batch of its own)
 width_sampling = 'random_pair'
 p_full = 0.25
@@ -36,7 +38,7 @@ eval_widths = (1.0, 0.75, 0.5, 0.25)
 eval_k = (1, 4)
 
 learning_rate = 2e-3             # a small model on few tokens per step can take a large rate
-max_train_flops = 4e13           # the training compute, forward + backward as train.py counts it (see below)
+max_train_flops = 4e13           # the training compute, forward + backward as train.py counts it
 min_lr = 2e-4
 warmup_iters = 50
 beta2 = 0.99

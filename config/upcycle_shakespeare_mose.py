@@ -10,8 +10,9 @@ out_dir = 'out-shakespeare-upcycle'
 expert_hidden = 512              # the dense MLP's 4 * n_embd hidden units, copied into each expert
 max_train_flops = 0.0            # a step count, not the main job's compute budget
 max_iters = 200
-width_sampling = 'max_random'   # the recipe the README's upcycling numbers were measured with: the full width
-width_data = 'fresh'            # plus one random width (continuous), each on its own batch
+width_sampling = 'max_random'   # the recipe RESULTS.md's upcycling numbers ("the 1,000-step runs of the previous
+width_data = 'fresh'            # recipe") were measured with: the full width plus one random width (continuous),
+                                # each on its own batch
 width_grid = 0.0
 lr_decay_iters = 200
 learning_rate = 1e-3             # gentler than from scratch: the weights are already trained
