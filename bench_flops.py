@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from configurator import calibration_batches, configure, fail, setup_device
-from model import allocate_budget, check_tokenizer, check_width, load_checkpoint, make_policy
+from checkpoint import check_tokenizer, load_checkpoint
+from dials import allocate_budget, make_policy
+from model import check_width
 
 # -----------------------------------------------------------------------------
 out_dir = "out-shakespeare-mose"   # the MoSE checkpoint to sweep

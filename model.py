@@ -161,8 +161,8 @@ class Router(nn.Module):
             top_probs, expert_idx = probs.topk(k, dim=-1)           # (N, k), most probable first
         used = None
         if top_p is not None:
-            # a token takes experts in order of probability until their mass reaches top_p (at least one, at
-            # most k): pair j is used iff the mass of the pairs before it is still short of top_p
+            # a token takes experts in order of probability until their mass (of the softmax over all E)
+            # reaches top_p (at least one, at most k): pair j is used iff the mass before it is short of top_p
             used = top_probs.cumsum(dim=-1) - top_probs < top_p    # (N, k)
             used[:, 0] = True
             top_probs = top_probs * used
@@ -225,7 +225,8 @@ def check_width(width, name="width"):
 def expert_matmul(x, w, counts):
     """x (n, K): rows sorted by expert, counts[e] of them for expert e; w (E, K, M). Each expert's rows times its
     own matrix: (n, M). One F.grouped_mm where that kernel runs (the CPU; CUDA in bf16 from compute capability
-    8.0; rows of 16-byte multiples), else a loop over the experts that have rows."""
+    8.0; it needs every row to be a multiple of 16 bytes: in fp32 h a multiple of 4), else a loop over the
+    experts that have rows. Both compute the same."""
     if hasattr(F, "grouped_mm") and x.stride(0) * x.element_size() % 16 == 0 and \
             w.stride(1) * w.element_size() % 16 == 0 and w.size(2) * w.element_size() % 16 == 0 and \
             (x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16
@@ -312,7 +313,8 @@ class MoSELayer(nn.Module):
     def forward(self, x, width=1.0, k=2, k_pool=None, top_p=None):
         B, T, C = x.shape
         if self.fast and not torch.is_grad_enabled() and B * T * k <= self.router.n_exp:
-            return fast.decode_moe(self, x, width, k, top_p)               # decoding a token
+            # a handful of pairs without autograd: what decoding a token with the KV cache looks like
+            return fast.decode_moe(self, x, width, k, top_p)
         x = x.reshape(B * T, C)                                            # (N, C)
         r = self.router(x, k, k_pool, top_p)
         # a width per pair: the policy reads the gates but never trains the router. Its widths carry a gradient
@@ -343,15 +345,15 @@ class MoSELayer(nn.Module):
             units = torch.where(units > 0, H, 0)
         # 2. sort the pairs by (hidden units, expert): each width's rows are contiguous, within a width each
         #    expert's, so one grouped matmul pair runs a width on all its experts
-        key = units * E + expert
-        order = key.argsort(stable=True)
+        key = units * E + expert                                           # (N*k,)
+        order = key.argsort(stable=True)                                   # (N*k,)
         counts = torch.bincount(key, minlength=(H + 1) * E).view(H + 1, E)  # (H+1, E) pairs per (units, expert)
         hs = counts.sum(dim=1).nonzero().flatten()                         # the distinct hidden-unit counts
         plan = list(zip(hs.tolist(), counts[hs].tolist()))                 # [(h, rows per expert)]: one host sync
         # pairs that top-p routing left out have h = 0 and sort first: skip them
         skip = sum(plan.pop(0)[1]) if plan[0][0] == 0 else 0
         order = order[skip:]
-        token, expert, gate = token[order], expert[order], gate[order]
+        token, expert, gate = token[order], expert[order], gate[order]     # (pairs,) each, sorted
         rows = x[token]                                                    # (pairs, C) gathered inputs
         mask = None if soft_mask is None else soft_mask.flatten(0, 1)[order]   # (pairs, H)
         # 3. run each width on all its experts
@@ -521,7 +523,7 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight   # weight tying
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_fc"):
+            if name.endswith("c_fc"):      # the expert stacks (torch.empty): their only initialisation
                 torch.nn.init.normal_(p, mean=0.0, std=0.02)
             # GPT-2's scaled init of the projections that write into the residual stream (experts too)
             if name.endswith("c_proj.weight") or name.endswith("experts.c_proj"):

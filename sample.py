@@ -4,27 +4,45 @@ Sample from a trained model at a chosen compute:
     python sample.py --out_dir=out-shakespeare-mose                               # full width
     python sample.py --out_dir=out-shakespeare-mose --width=0.5 --k_exp=1         # the two dials by hand
     python sample.py --out_dir=out-shakespeare-mose --width=0.5,1.0 --k_exp=1,2   # one per MoE layer
-    python sample.py --out_dir=out-shakespeare-mose --policy=confidence --gamma=2 --width=0.5
+    python sample.py --out_dir=out-shakespeare-mose --policy=confidence --gamma=2 --width=0.5   # Gamma = 0.5
     python sample.py --out_dir=out-shakespeare-mose --policy=ttt --budget=0.5     # half the expert FLOPs
     python sample.py --out_dir=out-shakespeare-mose --route_top_p=0.6             # 1 or 2 experts per token
     python sample.py --out_dir=out-shakespeare-mose --width=0.5 --route_top_p=0.5 # both: ~30 % of expert FLOPs
     python sample.py --out_dir=out-shakespeare-mose --policy=width_top_p --budget=0.3   # both, fitted
+    python sample.py --out_dir=out-shakespeare-mose --policy=confidence --budget=0.5 --show_widths=True
+    python sample.py --out_dir=out-shakespeare-mose --policy=confidence --budget=0.5 --html=widths.html
 
 --budget is a fraction of the full-width expert FLOPs at the k_exp used; the script picks the settings that
 meet it: uniform takes width = budget, confidence fits Gamma on calibration text (random windows of the
 training split, a fixed seed), ttt first learns gamma there (test-time training) and then fits Gamma, search
 tries gammas there with Gamma refitted to the budget at each, width_top_p searches a uniform width with the
-top-p routing that meets the budget there (MoSE's best points at 30-35 % of the expert FLOPs). After each
+top-p routing that meets the budget there (MoSE's best points, at about 30-45 % of the expert FLOPs).
+Without --budget, --width is the uniform width, or under the confidence policy its Gamma: the mean-width budget
+that the router's gates share out (ConfidenceWidth in model.py), not a width any expert runs at. After each
 sample it prints the FLOPs per token the model actually spent and the tokens per second.
+
+Where the compute goes (show_widths.py): --show_widths=True prints the text (prompt included) with each token
+coloured by the width its experts ran at, the mean over the (token, expert) pairs that ran (top-p routing's
+skipped pairs, width 0, do not count) averaged over the MoE layers (--width_layer=N: MoE layer N alone), on a
+scale from narrow (blue) to wide (red), with a legend. On a terminal it uses ANSI colours (24-bit where
+COLORTERM=truecolor, else 256); piped, or with NO_COLOR set, it prints plain text instead, each token followed by
+its width as ⟨0.62⟩ (⟨-⟩: no width), the prompt inside ⟦ ⟧, a newline shown as ↵. The last token has no width:
+it is sampled but never read. --html=FILE writes the same as a self-contained page (no scripts, no external
+files): each token's tooltip gives its width in each MoE layer, its experts and their gates. Only then does
+generate keep a trace of each step's widths.
 """
 
+import contextlib
 import os
+import sys
 import time
 
 import torch
 
 from configurator import calibration_batches, configure, fail, setup_device
-from model import POLICIES, check_tokenizer, check_width, load_checkpoint, make_policy
+from checkpoint import check_tokenizer, load_checkpoint
+from dials import POLICIES, make_policy
+from model import check_width
 
 # -----------------------------------------------------------------------------
 out_dir = "out"
@@ -39,8 +57,8 @@ dtype = "auto"            # bfloat16 on cuda where supported, else float16; floa
 compile = False
 use_cache = True          # KV cache: keys/values of earlier positions are kept between steps
 # the compute dials
-width = (1.0,)            # uniform width, or one per MoE layer (--width=0.5,1.0); the confidence policy's
-                          # Gamma (mean-width budget) without --budget
+width = (1.0,)            # uniform: the width, or one per MoE layer (--width=0.5,1.0); confidence policy:
+                          # Gamma, the mean-width budget its gates share out (not a width); without --budget
 k_exp = (0,)              # experts per token, or one per MoE layer (--k_exp=1,2); 0 = the checkpoint's training value
 policy = "uniform"        # uniform | confidence | ttt | search (gamma searched) | allocate (a width per MoE layer)
                           # | width_top_p (a width and route_top_p, fitted together)
@@ -54,6 +72,10 @@ ttt_batch_size = 6
 ttt_lr = 0.01
 data_dir = ""             # where the calibration text lives; '' = the checkpoint's data_dir and dataset
 dataset = ""
+# where the compute goes (show_widths.py)
+show_widths = False       # the text coloured by each token's expert width (plain ⟨width⟩ markers when piped/NO_COLOR)
+html = ""                 # also write it as a self-contained HTML page to this file
+width_layer = -1          # -1 = each token's width averaged over the MoE layers; N = MoE layer N's alone
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -91,6 +113,10 @@ try:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if top_k < 0 or max_new_tokens < 1 or num_samples < 0:
         raise ValueError("need top_k >= 0, max_new_tokens >= 1 and num_samples >= 0")
+    if width_layer < -1:
+        raise ValueError(f"width_layer is a MoE layer's index (-1 = the mean over the MoE layers), got {width_layer}")
+    if html and not os.path.isdir(os.path.dirname(os.path.abspath(html))):
+        raise ValueError(f"cannot write --html={html}: no folder {os.path.dirname(os.path.abspath(html))}")
     if budget and policy != "uniform" and (ttt_batches < 1 or ttt_batch_size < 1 or not ttt_lr > 0):
         raise ValueError("fitting a budget needs ttt_batches >= 1, ttt_batch_size >= 1 and ttt_lr > 0")
 except ValueError as e:
@@ -111,7 +137,12 @@ if cfg.n_exp == 0:
     if width != 1.0 or any(k_exp) or policy != "uniform" or budget or route_top_p:
         fail("this checkpoint is a dense GPT (n_exp=0): it has no width, k_exp, route_top_p, policy or budget dial")
     k = None
+    if show_widths or html:
+        fail("this checkpoint is a dense GPT (n_exp=0): it has no expert widths to show (--show_widths, --html)")
 else:
+    if width_layer >= cfg.n_moe_layers:
+        fail(f"--width_layer={width_layer} but the model has {cfg.n_moe_layers} MoE layers (0 to "
+             f"{cfg.n_moe_layers - 1}; -1 = their mean)")
     for name, values in (("width", width), ("k_exp", k_exp)):
         n = len(values) if isinstance(values, (list, tuple)) else 1
         if n > 1 and n != cfg.n_moe_layers:
@@ -138,11 +169,18 @@ if meta["tokenizer"] == "char":
 
     def decode(ids):
         return "".join(itos[i] for i in ids)
+
+    def pieces(ids):   # each token's own text (show_widths.py colours them one by one)
+        return [itos[i] for i in ids]
 else:
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
     encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
     decode = enc.decode
+
+    def pieces(ids):   # a character split between tokens goes to the token it starts in
+        text, offsets = enc.decode_with_offsets(ids)
+        return [text[a:b] for a, b in zip(offsets, offsets[1:] + [len(text)])]
 if start.startswith("FILE:"):
     try:
         with open(start[5:], encoding="utf-8") as f:
@@ -202,24 +240,50 @@ print(f"operating point: {point}; {ref}")
 if compile:
     model.compile()   # compiles forward in place: generate() calls it through self(...)
 
+show = None
+if show_widths or html:      # only then does generate keep a trace (show_widths.py)
+    import show_widths as show
+    color, truecolor = show.terminal_colours(sys.stdout)
+    layer = None if width_layer < 0 else width_layer
+    shown = []
+
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 with torch.no_grad(), ctx:
     for _ in range(num_samples):
         if device_type == "cuda":
             torch.cuda.synchronize()
         t0 = time.time()
-        y, spent = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, width=dial,
-                                  k_exp=k, use_cache=use_cache, route_top_p=route_top_p or None)
+        with show.recording(model) if show else contextlib.nullcontext() as rec:
+            y, spent = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, width=dial,
+                                      k_exp=k, use_cache=use_cache, route_top_p=route_top_p or None,
+                                      trace=rec.trace if show else None)
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
-        print(decode(y[0].tolist()))
+        if show:
+            shown.append(dict(pieces=pieces(y[0].tolist()), pairs=rec.pairs(y.size(1)), n_prompt=len(start_ids)))
+        if show_widths:
+            print(show.terminal(shown[-1]["pieces"], shown[-1]["pairs"], len(start_ids), layer, color, truecolor))
+            print(show.legend([shown[-1]["pairs"]], cfg.n_moe_layers, layer, color, truecolor, point,
+                              bool(route_top_p)))
+        else:
+            print(decode(y[0].tolist()))
         # generate's stats add the (constant) non-expert FLOPs to what the experts spent, so subtract them back
         if cfg.n_exp:
             experts = f"; experts {100 * (spent - full_k['non_expert']) / full_k['experts']:.1f} %" + \
                 (f" at k_exp={k}" if at_k else "")
         else:
             experts = "; dense"
-        print(f"spent {spent / 1e6:.3f} MFLOPs/token ({100 * spent / full['total']:.1f} % of full width{at_k}"
-              f"{experts}), {max_new_tokens / dt:.1f} tokens/s")
+        spent_line = (f"spent {spent / 1e6:.3f} MFLOPs/token ({100 * spent / full['total']:.1f} % of full width"
+                      f"{at_k}{experts})")
+        print(f"{spent_line}, {max_new_tokens / dt:.1f} tokens/s")
         print("---------------")
+        if show:
+            shown[-1]["spent"] = spent_line
+if html:
+    try:
+        with open(html, "w", encoding="utf-8") as f:
+            f.write(show.page(shown, cfg.n_moe_layers, layer, point, ref, bool(route_top_p)))
+    except OSError as e:
+        fail(f"cannot write --html={html}: {e.strerror}")
+    print(f"wrote {html}: open it in a browser; hover over a token for its experts and widths")

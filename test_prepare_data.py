@@ -1,5 +1,6 @@
 """Tests of prepare_data.py on the shared Tiny Shakespeare copy and on small files made here."""
 
+import hashlib
 import os
 import pickle
 import subprocess
@@ -149,3 +150,159 @@ def test_bad_arguments_are_one_clear_line(args, words, code, tmp_path):
 def test_help():
     p = prepare("--help")
     assert p.returncode == 0 and "--tokenizer=char|gpt2" in p.stdout
+
+
+# --- gutenberg_char / gutenberg: books by author, split by author ------------------------------------------------
+
+REAL_BOOKS = {   # small books of the shared copy, in both marker styles (new '*** START OF', old '*END*THE SMALL
+    # PRINT'), with a line from each one's text: it is in the prepared text iff the book is
+    "Jowett, Benjamin": {"Crito": "SOCRATES:  And if he disobeys and disregards the opinion and approval of",
+                         "Ion": "nothing that any one would care to remember but the famous paean which"},
+    "Potter, Beatrix": {"The Tale of Peter Rabbit": "And got caught by the large buttons on his jacket.",
+                        "The Tale of Benjamin Bunny": "onions, as a little present for his Aunt."},
+    "Poe, Edgar Allan": {"The Cask of Amontillado": "A huge human foot d'or, in a field azure; the foot crushes",
+                         "The Masque of the Red Death": "He had directed, in great part, the movable embellishments"},
+    "Hawthorne, Nathaniel": {"A Rill from the Town Pump": "partly covered the site of yonder stately brick one."},
+    "Shakespeare, William": {"Sonnets on Sundry Notes of Music": "What though she strive to try her strength,"},
+}
+MARKED = "*** START OF THIS PROJECT GUTENBERG EBOOK {0} ***\n{1}\n*** END OF THIS PROJECT GUTENBERG EBOOK {0} ***\nFOOTER-LICENCE\n"
+
+
+@pytest.fixture(scope="module")
+def books(shared_data, tmp_path_factory):
+    """A folder of a few authors: real books, and made-up ones for the cases the split must handle. By the rule
+    (authors in sha256 order of their names, until 5 % of the characters) Jowett, first in that order, is val."""
+    root = tmp_path_factory.mktemp("books") / "gutenberg"
+    for author, titles in REAL_BOOKS.items():
+        (root / author).mkdir(parents=True)
+        for t in titles:
+            (root / author / f"{t}.txt").write_bytes((shared_data / "gutenberg" / author / f"{t}.txt").read_bytes())
+    made = {   # author/title -> text
+        # another edition of a val title under a train author (a translator): the val copy must go
+        "Translator, A./Crito_.txt": MARKED.format("CRITO", "Socrates speaks to Crito in another translation.\n" * 40),
+        # the same text as a train book (LF here, CRLF there) under another title: one copy only
+        "Copyist, C./A Copy of Peter.txt": (root / "Potter, Beatrix/The Tale of Peter Rabbit.txt").read_text(
+            encoding="utf-8").replace("\r\n", "\n"),
+        # no markers at all: kept whole
+        "Unmarked, U./Notes.txt": "A plain note kept whole, first line and all, without markers.\n" * 30,
+        # CRLF and a bare CR, and a character seen 3 times in train (rare: becomes U+FFFD)
+        "Windows, W./Mixed.txt": MARKED.format("MIXED", "line one\nline two\rline three ж ж ж").replace("\n", "\r\n"),
+        # a val book with a character train never has (20 times): U+FFFD at evaluation too
+        "Jowett, Benjamin/Greek.txt": MARKED.format("GREEK", "The letter psi: ψ.\n" * 20),
+    }
+    for name, text in made.items():
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_bytes(text.encode("utf-8"))
+    return root
+
+
+def decoded(out, name):
+    train, val, meta = load(out, name)
+    itos = meta["itos"]
+    return "".join(itos[int(i)] for i in train), "".join(itos[int(i)] for i in val), meta
+
+
+@pytest.fixture(scope="module")
+def gutenberg_char(books, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    p = prepare("gutenberg_char", f"--input={books}", f"--out_dir={out}")
+    assert p.returncode == 0, p.stderr
+    return out, p.stdout
+
+
+def test_gutenberg_char_strips_markers_and_line_endings(books, gutenberg_char):
+    out, stdout = gutenberg_char
+    train, val, meta = decoded(out, "gutenberg_char")
+    text = train + val
+    for marker in ("*** START OF", "*** END OF", "SMALL PRINT", "End of Project Gutenberg", "End of this Project",
+                   "FOOTER-LICENCE", "Etexts Readable By Both Humans"):
+        assert marker not in text, marker
+    assert "\r" not in meta["stoi"] and "line one\nline two\nline three" in train
+    assert "A plain note kept whole, first line and all" in train and "1 without a header marker" in stdout
+    assert "1 without a footer marker" in stdout   # the same book
+    assert "Once upon a time there were four little rabbits" in train   # a body survives, its first lines too
+    assert meta["tokenizer"] == "char" and meta["vocab_size"] == len(meta["stoi"]) == len(meta["itos"])
+
+
+def test_gutenberg_char_splits_by_author(books, gutenberg_char):
+    out, stdout = gutenberg_char
+    train, val, _ = decoded(out, "gutenberg_char")
+    authors = sorted((p.name for p in books.iterdir()), key=lambda a: hashlib.sha256(a.encode()).digest())
+    assert authors[0] == "Jowett, Benjamin" and "val 1 authors (Jowett, Benjamin)" in stdout
+    for author, titles in REAL_BOOKS.items():
+        for t, line in titles.items():
+            where = (train.count(line), val.count(line))
+            if t == "Crito":   # its title is also under a train author: dropped from val
+                assert where == (0, 0), t
+            else:              # on its author's side, once (Peter Rabbit's copy under another author dropped)
+                assert where == ((0, 1) if author == "Jowett, Benjamin" else (1, 0)), t
+    assert "Socrates speaks to Crito in another translation." in train
+    assert "dropped 1 exact copies, 1 val books whose title is in train" in stdout
+
+
+def test_gutenberg_char_replacement_symbol(gutenberg_char):
+    out, _ = gutenberg_char
+    train, val, meta = decoded(out, "gutenberg_char")
+    assert meta["unk"] == "\ufffd" and "\ufffd" in meta["stoi"]
+    assert "ж" not in meta["stoi"] and "line three \ufffd \ufffd \ufffd" in train   # rare in train (3 < 10)
+    assert "ψ" not in meta["stoi"] and "The letter psi: \ufffd." in val               # never in train
+
+
+def test_gutenberg_is_deterministic_and_the_zip_is_the_folder(books, gutenberg_char, tmp_path):
+    # a second run gives the same bytes; so does the same folder zipped as GitHub zips a repository, found where
+    # the download would have put it (no network)
+    out, _ = gutenberg_char
+    assert prepare("gutenberg_char", f"--input={books}", f"--out_dir={tmp_path / 'again'}").returncode == 0
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "Gutenberg_Text-a0b16d35.zip", "w") as z:
+        for path in sorted(books.rglob("*.txt")):
+            z.write(path, "Gutenberg_Text-a0b16d35/" + path.relative_to(books).as_posix())
+    p = prepare("gutenberg_char", f"--out_dir={tmp_path}", env=offline_env())
+    assert p.returncode == 0, p.stderr
+    for again in (tmp_path / "again", tmp_path):
+        for f in ("train.bin", "val.bin", "meta.pkl"):
+            assert (again / "gutenberg_char" / f).read_bytes() == (out / "gutenberg_char" / f).read_bytes(), f
+
+
+def test_gutenberg_gpt2_has_the_same_split(shared_data, books, gutenberg_char, tmp_path):
+    import tiktoken
+    p = prepare("gutenberg", f"--input={books}", f"--out_dir={tmp_path}")
+    assert p.returncode == 0, p.stderr
+    train, val, meta = load(tmp_path, "gutenberg")
+    assert meta == {"tokenizer": "gpt2", "vocab_size": 50257}
+    enc = tiktoken.get_encoding("gpt2")
+    assert (train == enc.eot_token).sum() == 9 and (val == enc.eot_token).sum() == 2   # one per book kept
+    _, char_val, char_meta = decoded(gutenberg_char[0], "gutenberg_char")   # the same books, the same text
+    text = enc.decode(val.tolist()).replace("<|endoftext|>", "\n\n\n")
+    assert "".join(c if c in char_meta["stoi"] else "\ufffd" for c in text) == char_val
+
+
+def test_gutenberg_download_offline_names_the_fix(tmp_path):
+    one_line_error(prepare("gutenberg_char", f"--out_dir={tmp_path}", env=offline_env()), "--input=", code=1)
+    assert not list(tmp_path.rglob("*.zip*"))   # no half-written download left
+
+
+@pytest.mark.parametrize("case,words", [
+    ("file", ["is not a folder"]),
+    ("empty", ["no .txt files"]),
+    ("loose", ["no author folders"]),
+    ("one_author", ["1 author", "at least two author folders"]),
+    ("unreadable", ["cannot read", "Gone/gone.txt"]),
+])
+def test_gutenberg_bad_input_is_one_clear_line(case, words, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    book = MARKED.format("X", "Some text of a book.\n" * 20)
+    if case == "file":
+        src = tmp_path / "book.txt"
+        src.write_text(book)
+    elif case == "loose":
+        (src / "book.txt").write_text(book)
+    elif case in ("one_author", "unreadable"):
+        (src / "Solo").mkdir()
+        (src / "Solo" / "book.txt").write_text(book)
+    if case == "unreadable":   # a link to nowhere: listed as a book, cannot be opened (also as root)
+        (src / "Gone").mkdir()
+        (src / "Gone" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    one_line_error(prepare("gutenberg_char", f"--input={src}", f"--out_dir={tmp_path / 'out'}"), *words, code=1)
+    assert not (tmp_path / "out").exists()   # an error writes nothing
