@@ -76,6 +76,8 @@ dataset = ""
 show_widths = False       # the text coloured by each token's expert width (plain ⟨width⟩ markers when piped/NO_COLOR)
 html = ""                 # also write it as a self-contained HTML page to this file
 width_layer = -1          # -1 = each token's width averaged over the MoE layers; N = MoE layer N's alone
+color_by = "mean"         # a token's width: 'mean' of its experts' widths, or 'top': its most probable expert's
+                          # (the confidence policy keeps a token's mean near Gamma; the top expert's shows the router)
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -113,6 +115,8 @@ try:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if top_k < 0 or max_new_tokens < 1 or num_samples < 0:
         raise ValueError("need top_k >= 0, max_new_tokens >= 1 and num_samples >= 0")
+    if color_by not in ("mean", "top"):
+        raise ValueError(f"color_by must be mean or top, got '{color_by}'")
     if width_layer < -1:
         raise ValueError(f"width_layer is a MoE layer's index (-1 = the mean over the MoE layers), got {width_layer}")
     if html and not os.path.isdir(os.path.dirname(os.path.abspath(html))):
@@ -263,9 +267,10 @@ with torch.no_grad(), ctx:
         if show:
             shown.append(dict(pieces=pieces(y[0].tolist()), pairs=rec.pairs(y.size(1)), n_prompt=len(start_ids)))
         if show_widths:
-            print(show.terminal(shown[-1]["pieces"], shown[-1]["pairs"], len(start_ids), layer, color, truecolor))
+            print(show.terminal(shown[-1]["pieces"], shown[-1]["pairs"], len(start_ids), layer, color, truecolor,
+                                color_by))
             print(show.legend([shown[-1]["pairs"]], cfg.n_moe_layers, layer, color, truecolor, point,
-                              bool(route_top_p)))
+                              bool(route_top_p), color_by))
         else:
             print(decode(y[0].tolist()))
         # generate's stats add the (constant) non-expert FLOPs to what the experts spent, so subtract them back
@@ -283,7 +288,7 @@ with torch.no_grad(), ctx:
 if html:
     try:
         with open(html, "w", encoding="utf-8") as f:
-            f.write(show.page(shown, cfg.n_moe_layers, layer, point, ref, bool(route_top_p)))
+            f.write(show.page(shown, cfg.n_moe_layers, layer, point, ref, bool(route_top_p), color_by))
     except OSError as e:
         fail(f"cannot write --html={html}: {e.strerror}")
     print(f"wrote {html}: open it in a browser; hover over a token for its experts and widths")

@@ -19,14 +19,16 @@ reads the whole prompt (with or without the KV cache); every later step reads th
 last position of its window). The last sampled token is never read, so it has no width and stays uncoloured, as
 do prompt tokens older than the model's window (block_size). A token's width in a MoE layer is the mean over
 its (token, expert) pairs that ran there: top-p routing may skip pairs (width 0), which do not count. The
-colour is that mean averaged over the MoE layers, or one MoE layer's (sample.py --width_layer=N).
+colour is that mean averaged over the MoE layers, or one MoE layer's (sample.py --width_layer=N); with
+sample.py --color_by=top it is the width of the token's most probable expert instead.
 
 What to expect: the confidence policy (and ttt and search, which fit its gamma) shares a width budget of
 k * Gamma among a token's k experts, so a token's mean width stays at Gamma unless w_min or 1 clips a pair (a
 confident router's second expert, clipped up to w_min, makes that token a little wider): its colour changes
 little, while the split between its experts follows the router's confidence (the tooltips show it). Top-p
 routing's savings are pairs that did not run, which a token's width leaves out; the tooltips give each token's
-expert FLOPs, skipped pairs counted as 0.
+expert FLOPs, skipped pairs counted as 0. To see the router's confidence under the confidence policy, colour by
+the most probable expert's width (--color_by=top): a sure token gives it most of the budget.
 
 The colour scale is absolute, width 0 to 1 (blue, cyan, green, yellow, orange, red: narrow to wide), so pages at
 different operating points compare directly and a uniform width is one colour everywhere; its hue changes every
@@ -95,14 +97,15 @@ def token_compute(pairs):
     return sum(w for layer_pairs in pairs for _, w, _ in layer_pairs) / sum(len(lp) for lp in pairs)
 
 
-def token_width(pairs, layer=None):
-    """The width a token is coloured by: per MoE layer the mean width of its pairs that ran (width > 0), averaged
-    over the MoE layers, or MoE layer `layer`'s alone. None for a token with no width."""
+def token_width(pairs, layer=None, by="mean"):
+    """The width a token is coloured by: per MoE layer the mean width of its pairs that ran (width > 0), or with
+    by="top" the width of its most probable expert (the first pair: the router lists them most probable first),
+    averaged over the MoE layers, or MoE layer `layer`'s alone. None for a token with no width."""
     if pairs is None:
         return None
     means = []
     for layer_pairs in (pairs if layer is None else [pairs[layer]]):
-        ran = [w for _, w, _ in layer_pairs if w > 0]
+        ran = [w for _, w, _ in (layer_pairs[:1] if by == "top" else layer_pairs) if w > 0]
         if ran:
             means.append(sum(ran) / len(ran))
     return sum(means) / len(means) if means else None
@@ -157,13 +160,13 @@ def terminal_colours(stream):
 # the terminal
 
 
-def terminal(pieces, pairs, n_prompt, layer=None, color=False, truecolor=False):
+def terminal(pieces, pairs, n_prompt, layer=None, color=False, truecolor=False, by="mean"):
     """The text, one piece per token. color: each token on its width's background, the prompt underlined, a newline
     drawn as a coloured ↵ before the break. Plain: ⟨w⟩ after each token (⟨-⟩: no width), ⟦ ⟧ around the prompt,
     ↵ before a newline."""
     out = []
     for i, (text, p) in enumerate(zip(pieces, pairs)):
-        w = token_width(p, layer)
+        w = token_width(p, layer, by)
         if color:
             style = ("" if w is None else ansi(colour(w), truecolor)) + (UNDERLINE if i < n_prompt else "")
             lines = text.split("\n")
@@ -180,13 +183,14 @@ def terminal(pieces, pairs, n_prompt, layer=None, color=False, truecolor=False):
     return "".join(out)
 
 
-def describe(all_pairs, n_moe, layer=None, route_top_p=False):
+def describe(all_pairs, n_moe, layer=None, route_top_p=False, by="mean"):
     """What the colour shows, and the widths it took (one width only: say that it is one colour)."""
-    what = "the mean width (h/H) of its (token, expert) pairs that ran " + (
+    what = ("the width (h/H) of its most probable expert " if by == "top" else
+            "the mean width (h/H) of its (token, expert) pairs that ran ") + (
         f"in MoE layer {layer}" if layer is not None else "in the model's one MoE layer" if n_moe == 1 else
         f"in a MoE layer, averaged over the {n_moe} MoE layers")
     skipped = " (pairs skipped by top-p routing, width 0, do not count)" if route_top_p else ""
-    shown = [w for pairs in all_pairs for w in (token_width(p, layer) for p in pairs) if w is not None]
+    shown = [w for pairs in all_pairs for w in (token_width(p, layer, by) for p in pairs) if w is not None]
     distinct = sorted({round(w, 4) for w in shown})
     if not distinct:
         seen = "no token has a width"
@@ -197,10 +201,10 @@ def describe(all_pairs, n_moe, layer=None, route_top_p=False):
     return what + skipped, seen
 
 
-def legend(all_pairs, n_moe, layer=None, color=False, truecolor=False, point="", route_top_p=False):
+def legend(all_pairs, n_moe, layer=None, color=False, truecolor=False, point="", route_top_p=False, by="mean"):
     """The lines printed under the text: the colour scale (or the marker), what it shows, the operating point.
     (sample.py prints the FLOPs spent right after.)"""
-    what, seen = describe(all_pairs, n_moe, layer, route_top_p)
+    what, seen = describe(all_pairs, n_moe, layer, route_top_p, by)
     if color:
         scale = " ".join(f"{ansi(colour(w), truecolor)} {w:.2f} {RESET}" for w in (0.25, 0.5, 0.75, 1.0))
         lines = [f"width scale, narrow to wide: {scale}; {seen}",
@@ -231,9 +235,9 @@ h1 { font-size: 20px; margin: 0 0 8px; } h2 { font-size: 15px; margin: 20px 0 6p
 """
 
 
-def tooltip(text, position, prompt, pairs, layer, n_moe):
+def tooltip(text, position, prompt, pairs, layer, n_moe, by="mean"):
     lines = [f"{json.dumps(text, ensure_ascii=False)} at position {position}" + (" (prompt)" if prompt else "")]
-    w = token_width(pairs, layer)
+    w = token_width(pairs, layer, by)
     if w is None:
         lines.append("no width: no forward pass read this token (the last one is sampled but never read)")
         return "\n".join(lines)
@@ -247,10 +251,10 @@ def tooltip(text, position, prompt, pairs, layer, n_moe):
     return "\n".join(lines)
 
 
-def spans(pieces, pairs, n_prompt, layer, n_moe):
+def spans(pieces, pairs, n_prompt, layer, n_moe, by="mean"):
     out = []
     for i, (text, p) in enumerate(zip(pieces, pairs)):
-        w = token_width(p, layer)
+        w = token_width(p, layer, by)
         classes = ["p"] if i < n_prompt else []
         if w is None:
             classes.append("none")
@@ -259,16 +263,16 @@ def spans(pieces, pairs, n_prompt, layer, n_moe):
             rgb = colour(w)
             style = f' style="background:{hex_colour(rgb)};color:{hex_colour(ink(rgb))}"'
         body = '<span class="nl"></span>\n'.join(_html.escape(line, quote=False) for line in text.split("\n"))
-        title = _html.escape(tooltip(text, i, i < n_prompt, p, layer, n_moe)).replace("\n", "&#10;")
+        title = _html.escape(tooltip(text, i, i < n_prompt, p, layer, n_moe, by)).replace("\n", "&#10;")
         cls = f' class="{" ".join(classes)}"' if classes else ""
         out.append(f'<span{cls}{style} title="{title}">{body}</span>')
     return "".join(out)
 
 
-def page(samples, n_moe, layer=None, point="", reference="", route_top_p=False):
+def page(samples, n_moe, layer=None, point="", reference="", route_top_p=False, by="mean"):
     """A self-contained HTML page (no scripts, no external files). samples: dicts with pieces (one string per
     token), pairs (Recording.pairs), n_prompt and spent (a line of text)."""
-    what, seen = describe([s["pairs"] for s in samples], n_moe, layer, route_top_p)
+    what, seen = describe([s["pairs"] for s in samples], n_moe, layer, route_top_p, by)
     esc = _html.escape
     stops = ", ".join(f"{hex_colour(c)} {100 * w:g}%" for w, c in RAMP)
     ticks = "".join(f'<i style="left:{100 * w:g}%">{w:g}</i>' for w in (0, 0.25, 0.5, 0.75, 1))
@@ -286,6 +290,6 @@ def page(samples, n_moe, layer=None, point="", reference="", route_top_p=False):
              f'each MoE layer, its experts and their gates.</p>']
     for i, s in enumerate(samples):
         parts.append(f"<h2>sample {i + 1}</h2>" if len(samples) > 1 else "")
-        parts.append(f'<div class="text">{spans(s["pieces"], s["pairs"], s["n_prompt"], layer, n_moe)}</div>')
+        parts.append(f'<div class="text">{spans(s["pieces"], s["pairs"], s["n_prompt"], layer, n_moe, by)}</div>')
     parts.append("</body></html>\n")
     return "\n".join(p for p in parts if p)

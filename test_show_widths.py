@@ -120,6 +120,9 @@ def test_token_width_counts_only_pairs_that_ran():
     assert sw.token_width(pairs, layer=0) == 0.5 and sw.token_width(pairs, layer=1) == 0.75
     assert sw.token_compute(pairs) == pytest.approx(2.0 / 4)            # the FLOPs do count the skipped pair as 0
     assert sw.token_width(None) is None
+    # --color_by=top: the most probable expert's width (the first pair), per layer, averaged
+    assert sw.token_width(pairs, by="top") == pytest.approx((0.5 + 1.0) / 2)
+    assert sw.token_width([[(0, 0.75, 0.9), (3, 0.25, 0.1)]], by="top") == 0.75
 
 
 # -----------------------------------------------------------------------------
@@ -211,6 +214,21 @@ def test_a_terminal_gets_colours_unless_no_color(ckpt):
     assert "\x1b[48;2;%d;%d;%d;" % sw.colour(0.5) in coloured and "width scale, narrow to wide" in coloured
     plain = sample(ckpt, "--show_widths=True", "--width=0.5", tty=True, env={"NO_COLOR": "1"})
     assert "\x1b" not in plain and "⟨0.50⟩" in plain
+
+
+def test_color_by_top_shows_the_routers_confidence(ckpt, tmp_path):
+    # the confidence policy shares k * Gamma among a token's experts: their mean stays near Gamma, while the most
+    # probable expert's width follows the router (wider where it is sure)
+    page = tmp_path / "top.html"
+    out = sample(ckpt, "--show_widths=True", "--policy=confidence", "--gamma=4", "--width=0.5", "--color_by=top",
+                 f"--html={page}")
+    assert "the width (h/H) of its most probable expert" in out
+    tops = {float(m) for m in MARK.findall(out.split("\nwidths: each token is followed by ⟨w⟩")[0]) if m != "-"}
+    assert len(tops) > 1 and min(tops) >= 0.5 - 1e-9          # the top expert gets at least the mean of the two
+    assert "most probable expert" in page.read_text(encoding="utf-8")
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={ckpt}", "--show_widths=True", "--color_by=max"],
+                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert p.returncode != 0 and p.stderr.strip() == "sample.py: color_by must be mean or top, got 'max'"
 
 
 def test_bad_width_layer_is_one_line(ckpt):
