@@ -9,7 +9,11 @@ top-p dials, a dense GPT).
 
 Every row is measured here: the loss on the validation split (with its standard error over sequences), the
 FLOPs the forward actually spent, the tokens per second of the forward. --json=PATH writes the rows,
---plot=PATH.png draws the curves (matplotlib, optional).
+--plot=PATH.png draws the curves (plot_curve.py, matplotlib, optional; it redraws saved --json rows too).
+
+Out of domain, at every operating point with the same dials: --eval_text=FILE scores any plain text (e.g.
+WikiText's wiki.test.raw) in nats per token and bits per character, --lambada=FILE LAMBADA's last-word accuracy
+(the word greedily decoded in full) and the word's loss in nats.
 """
 
 import json
@@ -59,6 +63,11 @@ top_ps = ()                        # Matryoshka MoE's top-p dial, for every mode
 top_p_k = 0                        # ... and at most this many; 0 = each model's own k_max (its k_exp unless it
                                    # trained with k_sampling)
 w_min = 0.25
+eval_text = ""                     # out of domain: a plain text file (UTF-8), scored at every operating point with
+                                   # the checkpoint's tokenizer, e.g. WikiText-2's wiki.test.raw
+eval_text_tokens = 0               # ... its first this many tokens, in non-overlapping windows; 0 = all of it
+lambada = ""                       # out of domain: LAMBADA's jsonl ({"text": ...} a line), last-word accuracy
+lambada_n = 0                      # ... its first N passages only; 0 = all
 quick = False                      # a handful of points (CI smoke test)
 json_path = ""                     # --json_path=rows.json (also accepted as --json=rows.json)
 plot = ""                          # --plot=curve.png
@@ -71,8 +80,6 @@ config = configure(globals(), aliases={"json": "json_path"})
 if plot:   # check for the optional package now, not after a sweep of many minutes
     try:
         import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
         fail("--plot needs matplotlib: pip install matplotlib")
 if quick:
@@ -90,6 +97,9 @@ try:
     for p in top_ps:
         if not 0 < p <= 1:
             raise ValueError(f"top_ps are probability masses in (0, 1], got {p}")
+    for key, value in (("eval_text_tokens", eval_text_tokens), ("lambada_n", lambada_n)):
+        if value < 0:
+            raise ValueError(f"--{key} must be >= 0 (0 = all), got {value}")
 except ValueError as e:
     fail(str(e))
 device, device_type, dtype, ctx = setup_device(device, dtype)
@@ -195,6 +205,104 @@ try:
                                         device, main_model.config.vocab_size, holdout_tokens)
 except ValueError as e:
     fail(str(e))
+
+# Out-of-domain text, scored at every operating point through the same forward as validation. Every model reads
+# the main model's tokenizer (checked above), so each text is encoded once. A char model maps a character its
+# vocabulary lacks to its replacement symbol (meta's 'unk': prepare_data.py's gutenberg_char has one) or refuses.
+text_batches, text_chars, lambada_batches = [], 0, []
+if eval_text or lambada:
+    meta = main_ckpt.get("meta") or {"tokenizer": "gpt2"}
+
+    def read_text(path, flag):
+        """A UTF-8 file's text, line endings made \\n (as prepare_data.py makes them); a bad file is one line."""
+        if not os.path.isfile(path):
+            fail(f"--{flag}={path}: no such file")
+        try:
+            with open(path, encoding="utf-8") as f:   # universal newlines: \r\n and \r are read as \n
+                text = f.read()
+        except UnicodeDecodeError as e:
+            fail(f"--{flag}={path} is not UTF-8 text ({e.reason} at byte {e.start})")
+        if not text.strip():
+            fail(f"--{flag}={path} is empty")
+        return text
+
+    if meta["tokenizer"] == "char":
+        stoi, unk = meta["stoi"], meta.get("unk")
+        chars_per_token = np.ones(main_model.config.vocab_size, np.int64)
+
+        def encode(text, what):
+            unknown = sorted(set(text) - set(stoi))
+            if unknown and unk is None:
+                fail(f"{what} has {len(unknown)} characters outside this char model's vocabulary, e.g. "
+                     f"{', '.join(map(repr, unknown[:8]))}, and the model has no replacement symbol for them "
+                     f"(meta.pkl's 'unk', as prepare_data.py gutenberg_char writes it)")
+            return [stoi[c] if c in stoi else stoi[unk] for c in text]
+    else:
+        import tiktoken
+        try:   # offline, tiktoken needs its cached files (TIKTOKEN_CACHE_DIR)
+            enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            fail(f"could not load tiktoken's gpt2 encoding ({type(e).__name__}): go online once, or set "
+                 f"TIKTOKEN_CACHE_DIR to a folder holding its cached files")
+        # bits per character need the characters each token holds: the characters whose first UTF-8 byte is in it,
+        # so over a run of tokens the count is exact even where a token splits a character
+        chars_per_token = np.zeros(main_model.config.vocab_size, np.int64)
+        chars_per_token[:enc.n_vocab] = [sum(b & 0xC0 != 0x80 for b in enc.decode_single_token_bytes(t))
+                                         for t in range(enc.n_vocab)]
+        encode = lambda text, what: enc.encode_ordinary(text)
+
+if eval_text:   # non-overlapping windows from the start of the text, like validation's, the same for every row
+    text = read_text(eval_text, "eval_text")
+    ids = np.array(encode(text, f"--eval_text={eval_text}"), dtype=np.int64)
+    n_text = (len(ids) - 1) // T if not eval_text_tokens else min((len(ids) - 1) // T, eval_text_tokens // T)
+    if n_text < 2:   # a standard error needs two windows
+        fail(f"--eval_text={eval_text} gives {len(ids):,} tokens: fewer than two windows of block_size {T} + 1" +
+             (f" within --eval_text_tokens={eval_text_tokens}" if eval_text_tokens else "") + ": use more text")
+    for i in range(0, n_text, batch_size):
+        s = np.arange(i, min(i + batch_size, n_text)) * T
+        text_batches.append((torch.from_numpy(np.stack([ids[j:j + T] for j in s])).to(device),
+                             torch.from_numpy(np.stack([ids[j + 1:j + 1 + T] for j in s])).to(device)))
+    text_chars = int(chars_per_token[ids[1:n_text * T + 1]].sum())   # the characters of the scored targets
+    unknown = sum(c not in stoi for c in text) if meta["tokenizer"] == "char" else 0
+    print(f"--eval_text={eval_text}: {len(text):,} characters, {len(ids):,} tokens" +
+          (f" ({unknown:,} characters outside the vocabulary read as {unk!r})" if unknown else "") +
+          f"; scoring {n_text} windows of {T} ({n_text * T:,} tokens, {text_chars:,} characters). Nats per token "
+          f"depend on the tokenizer: compare char and BPE models in bits per character only")
+if lambada:   # each passage: its context, then its last word with the space before it, to decode greedily
+    passages = []
+    # lines split at \n only: a JSON string may hold a raw U+2028, where splitlines() would break it
+    for number, line in enumerate(read_text(lambada, "lambada").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            item = None
+        passage = item.get("text").rstrip() if isinstance(item, dict) and isinstance(item.get("text"), str) else ""
+        cut = passage.rfind(" ")   # the word is what follows the last space (as evaluation harnesses split it)
+        if cut <= 0:
+            fail(f"--lambada={lambada}, line {number}: not a JSON object whose \"text\" holds a passage and its last "
+                 f"word: give LAMBADA's jsonl, one {{\"text\": ...}} a line")
+        passages.append((passage[:cut], passage[cut:]))
+        if len(passages) == lambada_n:
+            break
+    items = [(encode(c, f"--lambada={lambada}"), encode(w, f"--lambada={lambada}")) for c, w in passages]
+    if max(len(w) for _, w in items) > T:
+        fail(f"--lambada={lambada} has a last word of {max(len(w) for _, w in items)} tokens: more than block_size {T}")
+    for i in range(0, len(items), batch_size):
+        xs, ys = [], []
+        for context, word in items[i:i + batch_size]:
+            # the context's last T - len(word) + 1 tokens, so that the word decoded after it fits one window: then
+            # greedy decoding token by token is the argmax at each of the word's positions of this one forward
+            seq = context[-(T - len(word) + 1):] + word
+            xs.append(seq[:-1])
+            ys.append([-1] * (len(seq) - 1 - len(word)) + word)   # -1: not scored
+        n = max(map(len, xs))   # padded on the right, which a causal model's earlier positions never see
+        lambada_batches.append((torch.tensor([x + [0] * (n - len(x)) for x in xs], device=device),
+                                torch.tensor([y + [-1] * (n - len(y)) for y in ys], device=device)))
+    print(f"--lambada={lambada}: {len(items)} passages; one scores if greedy decoding after its context gives its "
+          f"last word (with the space before it) in full, token by token; the word's loss is in nats per word "
+          f"(over its tokens, summed: comparable across tokenizers)")
 print(f"evaluating on {n_windows * T:,} {'validation' if split == 'val' else 'held-out training'} tokens of "
       f"{dataset} ({n_windows} windows of {T}), device {device}, dtype {dtype}")
 # what each model cost to train (train.py counts it; older checkpoints lack it): compare at equal compute
@@ -206,19 +314,24 @@ for name, (_, ckpt) in models.items():
           ", training FLOPs not recorded (an older checkpoint)"))
 
 
+def forward(model, x, y, width, k_exp, top_p):
+    """One operating point's forward: every score of a row (validation, --eval_text, --lambada) goes through
+    here, so all of them see the same dials."""
+    with ctx:
+        return model(x, y, width=width, k_exp=k_exp, top_p=top_p)
+
+
 @torch.no_grad()
 def evaluate(model, width, k_exp, top_p=None):
     """Mean validation loss, its standard error over the windows, spent FLOPs/token, experts/token, forward
     tokens/s."""
     seq_losses, expert_flops, experts, seconds = [], [], [], 0.0
-    with ctx:
-        model(*val_batches[0], width=width, k_exp=k_exp, top_p=top_p)   # warm-up, untimed: first calls allocate
+    forward(model, *val_batches[0], width, k_exp, top_p)   # warm-up, untimed: first calls allocate
     for x, y in val_batches:
         if device_type == "cuda":
             torch.cuda.synchronize()
         t0 = time.time()
-        with ctx:
-            out = model(x, y, width=width, k_exp=k_exp, top_p=top_p)
+        out = forward(model, x, y, width, k_exp, top_p)
         if device_type == "cuda":
             torch.cuda.synchronize()
         seconds += time.time() - t0
@@ -236,8 +349,36 @@ def evaluate(model, width, k_exp, top_p=None):
                 tokens_per_s=len(seq_losses) * T / seconds), seq_losses
 
 
+@torch.no_grad()
+def evaluate_ood(model, width, k_exp, top_p):
+    """--eval_text and --lambada at one operating point: the row's fields, and per window / passage what the
+    paired differences need."""
+    fields, items = {}, {}
+    if text_batches:
+        nats = torch.cat([F.cross_entropy(forward(model, x, y, width, k_exp, top_p).logits.float().transpose(1, 2), y,
+                                          reduction="none").sum(dim=1).cpu() for x, y in text_batches]).double()
+        per_token = nats / T   # each window's mean
+        fields.update(eval_text=eval_text, eval_text_nats_per_token=per_token.mean().item(),
+                      eval_text_nats_stderr=(per_token.std() / math.sqrt(len(nats))).item(),
+                      eval_text_bits_per_char=nats.sum().item() / math.log(2) / text_chars)
+        items["eval_text"] = per_token
+    if lambada_batches:
+        correct, nats = [], []
+        for x, y in lambada_batches:
+            logits = forward(model, x, y, width, k_exp, top_p).logits.float()
+            word = y >= 0
+            correct.append(((logits.argmax(dim=-1) == y) | ~word).all(dim=1).cpu())   # every token of the word
+            nats.append(F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction="none").sum(dim=1).cpu())
+        correct, nats = torch.cat(correct).double(), torch.cat(nats).double()
+        fields.update(lambada=lambada, lambada_passages=len(correct), lambada_acc=correct.mean().item(),
+                      lambada_acc_stderr=(correct.std() / math.sqrt(len(correct))).item(),
+                      lambada_nats_per_word=nats.mean().item())
+        items["lambada_acc"], items["lambada_nats"] = correct, nats
+    return fields, items
+
+
 reference = main_model.flops_breakdown()   # the MoE at full width and its training k: rel = 1
-rows, seq_losses = [], {}
+rows, seq_losses, ood_items = [], {}, {}
 
 
 def trained_k(model):
@@ -254,13 +395,16 @@ def add_row(name, policy, width, k_exp, gamma=None, budget=None, top_p=None):
     model = models[name][0]
     k = k_exp or trained_k(model)
     result, per_seq = evaluate(model, width if model.config.n_exp else None, k, top_p)
+    ood, per_item = evaluate_ood(model, width if model.config.n_exp else None, k, top_p)
     row = dict(model=name, series=member_of.get(name), policy=policy,
                width=width if isinstance(width, (float, list)) else getattr(width, "Gamma", None),
                k_exp=k, gamma=gamma, budget=budget, top_p=top_p, train_flops=train_flops[name], **result,
                rel_flops=result["flops_per_token"] / reference["total"],
-               rel_expert_flops=result["expert_flops_per_token"] / reference["experts"] if reference["experts"] else None)
+               rel_expert_flops=result["expert_flops_per_token"] / reference["experts"] if reference["experts"] else None,
+               **ood)
     rows.append(row)
     seq_losses[len(rows) - 1] = per_seq
+    ood_items[len(rows) - 1] = per_item
     print(format_row(row), flush=True)
 
 
@@ -273,7 +417,9 @@ def format_row(r):
     return (f"{r['model'][:24]:<24} {policy_name(r):<11} {fmt(r['width'], '{:.3f}'):>6} {fmt(r['k_exp'], '{:d}'):>3} "
             f"{fmt(r['gamma'], '{:.2f}'):>6} {fmt(r['budget'], '{:.2f}'):>6} {r['flops_per_token'] / 1e6:9.3f} "
             f"{r['rel_flops']:6.3f} {r['expert_flops_per_token'] / 1e6:9.3f} {fmt(r['rel_expert_flops'], '{:.3f}'):>6} "
-            f"{r['val_loss']:7.4f} ±{r['val_loss_stderr']:.4f} {math.exp(r['val_loss']):7.3f} {r['tokens_per_s']:9,.0f}")
+            f"{r['val_loss']:7.4f} ±{r['val_loss_stderr']:.4f} {math.exp(r['val_loss']):7.3f} {r['tokens_per_s']:9,.0f}"
+            + (f" {r['eval_text_nats_per_token']:9.4f} {r['eval_text_bits_per_char']:6.3f}" if eval_text else "")
+            + (f" {r['lambada_acc']:8.3f} {r['lambada_nats_per_word']:8.3f}" if lambada else ""))
 
 
 def fit_policy(policy, **kw):
@@ -287,7 +433,9 @@ def fit_policy(policy, **kw):
 
 
 print(f"{'model':<24} {'policy':<11} {'width':>6} {'k':>3} {'gamma':>6} {'budget':>6} {'MFLOP/tok':>9} {'rel':>6} "
-      f"{'expMFLOP':>9} {'rel':>6} {'val loss':>7} {'± se':>7} {'ppl':>7} {'tok/s':>9}")
+      f"{'expMFLOP':>9} {'rel':>6} {'val loss':>7} {'± se':>7} {'ppl':>7} {'tok/s':>9}"
+      + (f" {'text nats':>9} {'bits/c':>6}" if eval_text else "")
+      + (f" {'LAMB acc':>8} {'nats/wd':>8}" if lambada else ""))
 for name, (model, ckpt) in models.items():
     n_exp, k_train = model.config.n_exp, model.config.k_exp
     if n_exp == 0:
@@ -417,6 +565,13 @@ for name, (model, _) in models.items():
     ref = as_trained(name)
     print(f"  at full width: {main_name} - {name} = {paired_difference(mine, ref)} "
           f"nats (paired over the same {len(seq_losses[mine])} validation windows)")
+    for key, what in (("eval_text", f"nats/token on {eval_text}, over the same windows"),
+                      ("lambada_acc", "LAMBADA accuracy"),
+                      ("lambada_nats", "LAMBADA nats/word, over the same passages")):
+        if key in ood_items[mine]:   # out of domain, paired in the same way
+            diff = ood_items[mine][key] - ood_items[ref][key]
+            print(f"  at full width, {what}: {main_name} - {name} = {diff.mean():+.4f} ± "
+                  f"{diff.std() / math.sqrt(len(diff)):.4f}")
     # a smaller baseline (e.g. a dedicated MoE with narrower experts): the main model's uniform width that spends
     # the same forward FLOPs per token, paired
     same = next((i for i, r in enumerate(rows) if r["model"] == main_name and r["policy"] == "uniform"
@@ -489,41 +644,15 @@ for budget, s, t, g in sides:
 if json_path:
     keys = ("model", "series", "train_flops", "policy", "width", "k_exp", "gamma", "budget", "top_p",
             "flops_per_token", "expert_flops_per_token", "experts_per_token", "rel_flops", "rel_expert_flops",
-            "val_loss", "val_loss_stderr", "tokens_per_s")
+            "val_loss", "val_loss_stderr", "tokens_per_s") \
+        + (("eval_text", "eval_text_nats_per_token", "eval_text_nats_stderr", "eval_text_bits_per_char") if eval_text
+           else ()) + (("lambada", "lambada_passages", "lambada_acc", "lambada_acc_stderr", "lambada_nats_per_word")
+                       if lambada else ())
     with open(json_path, "w") as f:
         json.dump([{k: r[k] for k in keys} for r in rows], f, indent=1)
     print(f"wrote {len(rows)} rows to {json_path}")
-if plot:   # matplotlib was imported at start-up, so a missing package never costs a finished sweep
-    fig, ax = plt.subplots(figsize=(8, 5))
-    markers = {"uniform": "o", "top_p": "*", "confidence": "^", "ttt": "v", "search": "D", "allocate": "P",
-               "width_top_p": "<",
-               "per_layer": "x", "dense": "s"}
-    solo = [name for name in models if name not in one_point]
-    for n, name in enumerate(solo):   # one colour per model, one marker per policy, its frontier dashed
-        for policy, marker in markers.items():
-            rs = [r for r in rows if r["model"] == name and r["policy"] == policy]
-            if rs:
-                ax.scatter([r["flops_per_token"] / 1e6 for r in rs], [r["val_loss"] for r in rs], marker=marker,
-                           color=f"C{n}", s=18, alpha=0.7, label=f"{name}: {policy}")
-        f = frontier([r for r in rows if r["model"] == name])
-        if len(f) > 1:
-            ax.plot([r["flops_per_token"] / 1e6 for r in f], [r["val_loss"] for r in f], "--", color=f"C{n}", lw=1)
-    for n, (label, _) in enumerate(families, start=len(solo)):   # a series: one point per model, joined
-        rs = sorted((rows[as_trained(name)] for name, l in member_of.items() if l == label),
-                    key=lambda r: r["flops_per_token"])
-        ax.plot([r["flops_per_token"] / 1e6 for r in rs], [r["val_loss"] for r in rs], "s-", color=f"C{n}", lw=1,
-                ms=5, label=f"{label} ({len(rs)} models)")
-    # the interesting part: up to 0.6 nats above the best point (a narrow, untrained width is far worse)
-    low = min(r["val_loss"] for r in rows)
-    high = min(max(r["val_loss"] for r in rows), low + 0.6)
-    ax.set_ylim(low - 0.02, high + 0.02)
-    off = sum(r["val_loss"] > high + 0.02 for r in rows)
-    ax.set_title(f"validation loss against forward FLOPs (dashed: each model's frontier)"
-                 + (f"; {off} points above {high + 0.02:.2f} not shown" if off else ""), fontsize=9)
-    ax.set_xlabel("forward MFLOPs per token")
-    ax.set_ylabel("validation loss (nats)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(plot, dpi=120)
+if plot:   # matplotlib was checked at start-up, so a missing package never costs a finished sweep
+    import plot_curve
+    plot_curve.draw([{k: r[k] for k in ("model", "series", "policy", "width", "k_exp", "gamma", "top_p",
+                                        "rel_expert_flops", "val_loss")} for r in rows], plot)
     print(f"wrote {plot}")

@@ -284,7 +284,18 @@ def list_books(source):
     return books, read
 
 
+def progress(items, desc):
+    """tqdm's bar over items on a terminal, if it is installed (disable=None: a log, or a test reading stderr,
+    gets only the stage lines)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, disable=None)
+
+
 def read_book(read, name):
+    """A book's bytes, or one clear line."""
     try:
         return read(name)
     except (OSError, zipfile.BadZipFile, EOFError) as e:   # unreadable file, damaged archive
@@ -327,7 +338,7 @@ def scan_books(books, read):
     """The first pass: per book its length in characters, its characters' counts, its text's sha256 and which
     markers it had. Only these stay in memory; the second pass reads the text again to write it."""
     scanned = []
-    for author, title, name in books:
+    for author, title, name in progress(books, "reading"):
         body, head, foot = strip_gutenberg(read_book(read, name))
         counts = np.bincount(codepoints(body))
         chars = np.flatnonzero(counts)
@@ -422,13 +433,8 @@ def write_books(path, books, read, encode, desc):
     """The second pass: each book read, stripped and encoded again, and appended to path as uint16, so a split
     never sits in memory whole. Returns the tokens written per author, in the file's order."""
     per_author = {}
-    try:   # a bar on a terminal only (disable=None): a log, or a test reading stderr, gets the stage lines alone
-        from tqdm import tqdm
-        books = tqdm(books, desc=desc, disable=None)
-    except ImportError:
-        pass
     with open(path + ".part", "wb") as f:
-        for b in books:
+        for b in progress(books, desc):
             ids = encode(strip_gutenberg(read_book(read, b["name"]))[0])
             ids.tofile(f)
             per_author[b["author"]] = per_author.get(b["author"], 0) + len(ids)
@@ -473,10 +479,11 @@ def prepare_gutenberg(source, tokenizer, out, train_fraction=1.0):
     print(f"[3/3] train {n_train:,} tokens, val {n_val:,} tokens ({tokenizer}) -> {out} ({time.time() - t0:.1f}s)")
     # train.py's --holdout_tokens holds out the tail of train.bin: these sums hold out whole authors, text by
     # writers the model never read, as val is
-    tail = list(per_author.items())[-3:]
-    print("      train.bin ends with " + ", ".join(f"{a} ({n:,} tokens)" for a, n in tail) + "; --holdout_tokens="
-          + " / ".join(f"{sum(n for _, n in tail[i:]):,}" for i in range(len(tail) - 1, -1, -1))
-          + " holds out the last 1 / 2 / 3 authors" * (train_fraction == 1))
+    tail = list(per_author.items())[-min(3, len(per_author) - 1):]   # never every author
+    if train_fraction == 1 and len(per_author) > 1:
+        print("      train.bin ends with " + ", ".join(f"{a} ({n:,} tokens)" for a, n in tail) + "; --holdout_tokens="
+              + " / ".join(f"{sum(n for _, n in tail[-i:]):,}" for i in range(1, len(tail) + 1))
+              + f" holds out the last {' / '.join(str(i) for i in range(1, len(tail) + 1))} authors")
 
 
 # -----------------------------------------------------------------------------

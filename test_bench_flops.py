@@ -130,6 +130,7 @@ def test_top_p_dial(checkpoints, tmp_path):
     (["--series=out-a,out-b"], "--series takes 'label:dir,dir;label:dir,...'"),
     (["--series=a:out-x;a:out-y"], "--series has two series labelled 'a'"),
     (["--series=a:out-x;b:out-x"], "out-x is in two series ('a', 'b')"),
+    (["--lambada_n=-1"], "--lambada_n must be >= 0 (0 = all), got -1"),
 ])
 def test_bad_flags_are_one_clear_line(checkpoints, args, message):
     p = run("bench_flops.py", f"--out_dir={checkpoints / 'mose'}", *args)
@@ -157,6 +158,28 @@ def test_series_is_one_point_per_model_and_one_line(checkpoints, tmp_path):
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_curve_draws_saved_rows_and_refuses_other_files(checkpoints, tmp_path):
+    # the rows of a sweep, saved with --json, redrawn by plot_curve.py: two panels, each model's dials as lines,
+    # a series as marked points, a dense model as a line; a file that is not such rows is one clear line
+    pytest.importorskip("matplotlib")
+    rows = tmp_path / "rows.json"
+    p = run("bench_flops.py", f"--out_dir={checkpoints / 'mose'}", f"--compare={checkpoints / 'moe'},{checkpoints / 'dense'}",
+            f"--series=one per size: {checkpoints / 'moe'}", "--quick=True", "--eval_tokens=4096", "--ttt_batches=2",
+            "--top_ps=(0.6,)", f"--json={rows}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    import plot_curve
+    lines = plot_curve.lines_of(json.load(open(rows)), "mose")
+    assert {"uniform", "confidence", "width_top_p"} <= {policy for policy, _ in lines}
+    assert all(len(rs) > 1 for (policy, _), rs in lines.items() if policy == "uniform")
+    out = tmp_path / "curve.png"
+    p = subprocess.run([sys.executable, "plot_curve.py", str(rows), str(out)], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p.stderr
+    (tmp_path / "bad.json").write_text('{"not": "rows"}')
+    p = subprocess.run([sys.executable, "plot_curve.py", str(tmp_path / "bad.json"), str(out)], cwd=REPO,
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and p.stderr.strip().startswith("plot_curve.py: ") and "Traceback" not in p.stderr
+
+
 def test_plot_or_a_clear_line_without_matplotlib(checkpoints, tmp_path):
     # matplotlib is optional: without it --plot fails before any evaluation, with it the figure is written
     out = tmp_path / "curve.png"
@@ -168,3 +191,138 @@ def test_plot_or_a_clear_line_without_matplotlib(checkpoints, tmp_path):
     else:
         assert p.returncode == 0, p.stderr[-2000:]
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {out}" in p.stdout
+
+
+# --- out of domain: --eval_text and --lambada --------------------------------------------------------------------
+
+REPEATED = "the cat sat on the mat. the dog ate the bone. "   # text a tiny model learns in 200 steps
+MADE_UP = [   # LAMBADA-style passages on that text: the first one's last word comes out greedily, the second's
+              # starts right (" m") and then goes wrong: it must not score
+    "the dog ate the bone. the cat sat on the mat",
+    "the dog ate the bone. the cat sat on the mud",
+]
+OOD_TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--batch_size=8", "--block_size=32", "--eval_iters=1",
+            "--log_interval=40", "--warmup_iters=5"]
+
+
+@pytest.fixture(scope="module")
+def ood(shared_data, tmp_path_factory):
+    """Tiny char models (MoSE and dense) on gutenberg_char, whose vocabulary has a replacement symbol, a tiny
+    BPE model, and the out-of-domain files: WikiText's first 20 KB and LAMBADA passages, real and made up."""
+    root = tmp_path_factory.mktemp("ood")
+    for author, times in (("Author A", 400), ("Author B", 100)):   # two authors: a val split of its own
+        (root / "books" / author).mkdir(parents=True)
+        (root / "books" / author / f"{author}'s book.txt").write_text(REPEATED * times)
+    for name in ("gutenberg_char", "gutenberg"):
+        p = run("prepare_data.py", name, f"--input={root / 'books'}", f"--out_dir={root / 'data'}")
+        assert p.returncode == 0, p.stderr
+    for name, extra in (("mose", ["--dataset=gutenberg_char", "--n_exp=4", "--k_exp=2", "--expert_hidden=64",
+                                  "--max_iters=200", "--eval_interval=200", "--learning_rate=1e-2"]),
+                        ("dense", ["--dataset=gutenberg_char", "--n_exp=0", "--max_iters=40", "--eval_interval=40",
+                                   "--learning_rate=1e-2"]),
+                        ("bpe", ["--dataset=gutenberg", "--n_exp=0", "--max_iters=10", "--eval_interval=10"])):
+        p = run("train.py", f"--data_dir={root / 'data'}", f"--out_dir={root / name}", *OOD_TINY, *extra)
+        assert p.returncode == 0, p.stderr[-2000:]
+    (root / "wiki.txt").write_bytes((shared_data / "eval" / "wiki.test.raw").read_bytes()[:20_000])
+    real = (shared_data / "eval" / "lambada_test.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = real[:3] + [json.dumps({"text": t}) for t in MADE_UP] + real[3:6]   # 8 lines; --lambada_n=5 takes 5
+    (root / "lambada.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def load_model(path):
+    import torch
+    from model import GPT, GPTConfig
+    ckpt = torch.load(path / "ckpt.pt", map_location="cpu", weights_only=True)
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def test_eval_text_and_lambada_rows(ood, tmp_path):
+    import math
+    import torch
+    import torch.nn.functional as F
+    path = tmp_path / "rows.json"
+    p = run("bench_flops.py", f"--out_dir={ood / 'mose'}", f"--compare={ood / 'dense'}", "--quick=True",
+            "--eval_tokens=2048", "--ttt_batches=2", "--conf_budgets=()", "--ttt_budgets=()", "--both_budgets=()",
+            f"--eval_text={ood / 'wiki.txt'}", "--eval_text_tokens=4096", f"--lambada={ood / 'lambada.jsonl'}",
+            "--lambada_n=5", f"--json={path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "compare char and BPE models in bits per character only" in p.stdout
+    assert re.search(r"LAMBADA accuracy: mose - dense = [+-][\d.]+ ± [\d.]+", p.stdout), p.stdout
+    rows = json.load(open(path))
+    for r in rows:   # every row, every operating point, carries what was scored
+        assert r["eval_text"] == str(ood / "wiki.txt") and r["lambada"] == str(ood / "lambada.jsonl")
+        assert r["eval_text_nats_per_token"] > 0 and 0 < r["eval_text_nats_stderr"] < 1
+        assert r["lambada_passages"] == 5 and 0 <= r["lambada_acc"] <= 1 and r["lambada_nats_per_word"] > 0
+        # a char model: one character a token, so bits per character are nats per token over ln 2
+        assert abs(r["eval_text_bits_per_char"] - r["eval_text_nats_per_token"] / math.log(2)) < 1e-9
+    row = next(r for r in rows if r["model"] == "mose" and r["policy"] == "uniform" and r["width"] == 0.5
+               and r["k_exp"] == 2)
+    model, ckpt = load_model(ood / "mose")
+    meta, T = ckpt["meta"], model.config.block_size
+    encode = lambda s: [meta["stoi"].get(c, meta["stoi"][meta["unk"]]) for c in s]
+    # --eval_text by hand: the first 4,096 // T non-overlapping windows of the text (line endings made \n)
+    ids = torch.tensor(encode((ood / "wiki.txt").read_text(encoding="utf-8").replace("\r\n", "\n")))
+    n = 4096 // T
+    x, y = ids[:n * T].view(n, T), ids[1:n * T + 1].view(n, T)
+    with torch.no_grad():
+        nats = F.cross_entropy(model(x, y, width=0.5, k_exp=2).logits.transpose(1, 2), y, reduction="sum").item()
+    assert abs(row["eval_text_bits_per_char"] - nats / math.log(2) / (n * T)) < 1e-4
+    # --lambada by hand: greedy decoding, one token at a time, after the context's last T - len(word) + 1 tokens
+    passages = [json.loads(line)["text"] for line in (ood / "lambada.jsonl").read_text().splitlines()[:5]]
+    hits, word_nats = [], []
+    for text in passages:
+        cut = text.rfind(" ")
+        context, word = encode(text[:cut]), encode(text[cut:])
+        seq, hit, total = context[-(T - len(word) + 1):], True, 0.0
+        for t in word:
+            with torch.no_grad():
+                logits = model(torch.tensor([seq]), width=0.5, k_exp=2).logits[0, -1]
+            hit &= int(logits.argmax()) == t
+            total += -torch.log_softmax(logits, dim=-1)[t].item()
+            seq = seq + [t]
+        hits.append(hit)
+        word_nats.append(total)
+    assert hits[3:5] == [True, False]   # the made-up passages: the whole word, and a right start only
+    assert row["lambada_acc"] == sum(hits) / 5
+    assert abs(row["lambada_nats_per_word"] - sum(word_nats) / 5) < 1e-4
+
+
+def test_eval_text_bits_per_char_of_a_bpe_model(ood, tmp_path):
+    import math
+    import tiktoken
+    path = tmp_path / "rows.json"
+    p = run("bench_flops.py", f"--out_dir={ood / 'bpe'}", "--eval_tokens=256", f"--eval_text={ood / 'wiki.txt'}",
+            f"--lambada={ood / 'lambada.jsonl'}", "--lambada_n=5", f"--json={path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    (row,) = json.load(open(path))
+    enc = tiktoken.get_encoding("gpt2")
+    ids = enc.encode_ordinary((ood / "wiki.txt").read_text(encoding="utf-8").replace("\r\n", "\n"))
+    n = (len(ids) - 1) // 32
+    chars = len(enc.decode(ids[:n * 32 + 1])) - len(enc.decode(ids[:1]))   # the characters of the scored tokens
+    tokens_per_char = n * 32 / chars
+    assert abs(row["eval_text_bits_per_char"] - row["eval_text_nats_per_token"] / math.log(2) * tokens_per_char) < 1e-6
+    assert 0 <= row["lambada_acc"] <= 1 and row["lambada_passages"] == 5
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "--eval_text={d}/nothing.txt: no such file"),
+    ("empty", "--eval_text={d}/empty.txt is empty"),
+    ("not_json", "--lambada={d}/bad.jsonl, line 2: not a JSON object whose \"text\" holds a passage and its last word"),
+    ("no_text", "--lambada={d}/bad.jsonl, line 1: not a JSON object whose \"text\" holds a passage"),
+    ("unmappable", "has 2 characters outside this char model's vocabulary, e.g. '7', 'é'"),
+])
+def test_bad_eval_files_are_one_clear_line(ood, checkpoints, tmp_path, case, message):
+    (tmp_path / "empty.txt").write_text(" \n")
+    (tmp_path / "bad.jsonl").write_text({"not_json": '{"text": "a b"}\nnot json\n',
+                                         "no_text": '{"passage": "a b"}\n'}.get(case, ""))
+    (tmp_path / "odd.txt").write_text("To be, or not to be: 7 cafés.\n" * 20, encoding="utf-8")
+    flag = {"missing": f"--eval_text={tmp_path}/nothing.txt", "empty": f"--eval_text={tmp_path}/empty.txt",
+            "unmappable": f"--eval_text={tmp_path}/odd.txt"}.get(case, f"--lambada={tmp_path}/bad.jsonl")
+    # the Shakespeare model's vocabulary has neither '7' nor 'é', and no replacement symbol
+    out_dir = checkpoints / "mose" if case == "unmappable" else ood / "mose"
+    p = run("bench_flops.py", f"--out_dir={out_dir}", "--quick=True", "--eval_tokens=2048", flag)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and message.format(d=tmp_path) in p.stderr, p.stderr

@@ -165,7 +165,8 @@ REAL_BOOKS = {   # small books of the shared copy, in both marker styles (new '*
     "Hawthorne, Nathaniel": {"A Rill from the Town Pump": "partly covered the site of yonder stately brick one."},
     "Shakespeare, William": {"Sonnets on Sundry Notes of Music": "What though she strive to try her strength,"},
 }
-MARKED = "*** START OF THIS PROJECT GUTENBERG EBOOK {0} ***\n{1}\n*** END OF THIS PROJECT GUTENBERG EBOOK {0} ***\nFOOTER-LICENCE\n"
+MARKED = ("*** START OF THIS PROJECT GUTENBERG EBOOK {0} ***\n{1}\n*** END OF THIS PROJECT GUTENBERG EBOOK {0} ***\n"
+          "FOOTER-LICENCE\n")
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +178,7 @@ def books(shared_data, tmp_path_factory):
         (root / author).mkdir(parents=True)
         for t in titles:
             (root / author / f"{t}.txt").write_bytes((shared_data / "gutenberg" / author / f"{t}.txt").read_bytes())
+    mixed = MARKED.format("MIXED", "line one\nline two\rline three ж ж ж")
     made = {   # author/title -> text
         # another edition of a val title under a train author (a translator): the val copy must go
         "Translator, A./Crito_.txt": MARKED.format("CRITO", "Socrates speaks to Crito in another translation.\n" * 40),
@@ -186,7 +188,7 @@ def books(shared_data, tmp_path_factory):
         # no markers at all: kept whole
         "Unmarked, U./Notes.txt": "A plain note kept whole, first line and all, without markers.\n" * 30,
         # CRLF and a bare CR, and a character seen 3 times in train (rare: becomes U+FFFD)
-        "Windows, W./Mixed.txt": MARKED.format("MIXED", "line one\nline two\rline three ж ж ж").replace("\n", "\r\n"),
+        "Windows, W./Mixed.txt": mixed.replace("\n", "\r\n"),
         # a val book with a character train never has (20 times): U+FFFD at evaluation too
         "Jowett, Benjamin/Greek.txt": MARKED.format("GREEK", "The letter psi: ψ.\n" * 20),
     }
@@ -275,6 +277,33 @@ def test_gutenberg_gpt2_has_the_same_split(shared_data, books, gutenberg_char, t
     _, char_val, char_meta = decoded(gutenberg_char[0], "gutenberg_char")   # the same books, the same text
     text = enc.decode(val.tolist()).replace("<|endoftext|>", "\n\n\n")
     assert "".join(c if c in char_meta["stoi"] else "\ufffd" for c in text) == char_val
+
+
+def test_gutenberg_download_streams_to_a_part_file(books, tmp_path, monkeypatch):
+    # the download path, from a local server standing in for GitHub: the archive arrives whole, under its name
+    import functools
+    import http.server
+    import threading
+    import zipfile
+    import prepare_data
+    (tmp_path / "served").mkdir()
+    with zipfile.ZipFile(tmp_path / "served" / "books.zip", "w") as z:
+        for path in sorted(books.rglob("*.txt")):
+            z.write(path, "top/" + path.relative_to(books).as_posix())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "served"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setattr(prepare_data, "GUTENBERG_URL", f"http://127.0.0.1:{server.server_port}/books.zip")
+    try:
+        path = prepare_data.fetch_gutenberg(str(tmp_path / "data"))
+    finally:
+        server.shutdown()
+    assert open(path, "rb").read() == (tmp_path / "served" / "books.zip").read_bytes()
+    assert os.listdir(tmp_path / "data") == [os.path.basename(path)]   # no .part left
+    assert len(prepare_data.list_books(path)[0]) == len(list(books.rglob("*.txt")))
 
 
 def test_gutenberg_download_offline_names_the_fix(tmp_path):
