@@ -191,7 +191,7 @@ if "layer" in parts:
             points[name], flops[name] = policy, spent
     base = f"uniform {uniform_widths[0]:g}"
     for plain in (False, True):
-        layer.fast = not plain                     # fast.py's paths, or model.py's plain code alone
+        layer.use_fast = not plain                  # fast.py's paths, or model.py's plain code alone
         for backward in (False, True):
             def run(w):
                 if not backward:

@@ -308,11 +308,11 @@ class MoSELayer(nn.Module):
         self.router = Router(config)
         self.experts = SlimmableExperts(config)
         self.dropout = nn.Dropout(config.dropout)
-        self.fast = True                   # decode with fast.py's path (GPT.set_fast)
+        self.use_fast = True               # decode with fast.py's path (GPT.set_fast)
 
     def forward(self, x, width=1.0, k=2, k_pool=None, top_p=None):
         B, T, C = x.shape
-        if self.fast and not torch.is_grad_enabled() and B * T * k <= self.router.n_exp:
+        if self.use_fast and not torch.is_grad_enabled() and B * T * k <= self.router.n_exp:
             # a handful of pairs without autograd: what decoding a token with the KV cache looks like
             return fast.decode_moe(self, x, width, k, top_p)
         x = x.reshape(B * T, C)                                            # (N, C)
@@ -541,7 +541,7 @@ class GPT(nn.Module):
         """fast.py's decoding path on (the default) or off (only the plain code of this file runs)."""
         for m in self.modules():
             if isinstance(m, MoSELayer):
-                m.fast = on
+                m.use_fast = on
 
     def get_num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
@@ -580,7 +580,8 @@ class GPT(nn.Module):
         Matryoshka MoE's top-p routing (each token takes its most probable experts until their mass reaches
         top_p, at most k_exp). k_pool: Elastic MoE's co-activation pool (training). kv_cache: new_kv_cache().
         stats: expert_flops and flops_per_token (spent, mean per token), mean_width of the pairs that ran, and
-        per MoE layer: load, experts_per_token, widths and experts of every (token, expert) pair (B, T, k)."""
+        per MoE layer: load, experts_per_token, and for every (token, expert) pair (B, T, k) its expert and the
+        width it ran at, h/H (the rounding of h(w) included; 0 = not run)."""
         B, T = idx.size()
         past = kv_cache[0]["k"].size(2) if kv_cache and kv_cache[0] else 0
         if past + T > self.config.block_size:

@@ -4,7 +4,9 @@ expert FLOPs (the main model's, at its training k), one line per dial of each sw
 one size (bench_flops --series) as marked points, a dense model as a horizontal line.
 
     python bench_flops.py ... --json=rows.json --plot=curve.png     # bench_flops calls draw() itself
-    python plot_curve.py rows.json curve.png                        # redraw saved rows (matplotlib needed)
+    python plot_curve.py rows.json [more.json ...] curve.png        # redraw saved rows (matplotlib needed)
+
+Several rows files are drawn together: a model scored in more than one keeps the rows of the first file it is in.
 
 Why expert FLOPs on x: the dials slim only the experts (30 % of the Shakespeare model's FLOPs), so on whole-model
 FLOPs every operating point crowds into a narrow band; the legend says which line is which dial.
@@ -98,12 +100,16 @@ def draw(rows, path, zoom=0.1):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python plot_curve.py ROWS.json PLOT.png (ROWS.json from bench_flops.py --json=...)")
-    try:
-        rows = json.load(open(sys.argv[1]))
-        rows[0]["rel_expert_flops"], rows[0]["val_loss"], rows[0]["series"]
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
-        sys.exit(f"plot_curve.py: {sys.argv[1]} is not a rows file of bench_flops.py --json ({type(e).__name__})")
-    draw(rows, sys.argv[2])
-    print(f"wrote {sys.argv[2]}")
+    if len(sys.argv) < 3:
+        sys.exit("usage: python plot_curve.py ROWS.json [MORE.json ...] PLOT.png (rows of bench_flops.py --json=...)")
+    rows, seen = [], set()
+    for path in sys.argv[1:-1]:
+        try:
+            these = json.load(open(path))
+            these[0]["rel_expert_flops"], these[0]["val_loss"], these[0]["series"]
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            sys.exit(f"plot_curve.py: {path} is not a rows file of bench_flops.py --json ({type(e).__name__})")
+        rows += [r for r in these if r["model"] not in seen]
+        seen |= {r["model"] for r in these}
+    draw(rows, sys.argv[-1])
+    print(f"wrote {sys.argv[-1]}")

@@ -1,7 +1,7 @@
 """Tests of the dispatch (MoSELayer.dispatch: pairs sorted by width, one grouped matmul pair per width) against
 two slow, obviously-correct references, forward and gradients: every expert at full width on every token with a
 prefix mask (`masked_reference`), and one (token, expert) pair at a time (`pair_by_pair`). Every test runs twice:
-on the plain code of model.py and with fast.py's paths (MoSELayer.fast). No timing here: bench_speed.py measures
+on the plain code of model.py and with fast.py's paths (MoSELayer.use_fast). No timing here: bench_speed.py measures
 the speed. Run: python -m pytest -q test_dispatch.py"""
 
 import pytest
@@ -54,7 +54,7 @@ def pair_by_pair(experts, x, expert_idx, gates, h, soft_mask=None):
 def fast_paths(request, monkeypatch):
     """Every test of this file on both paths: layers built by layer_for take fast.py's paths, or not."""
     monkeypatch.setattr(MoSELayer, "__init__", lambda self, *a, init=MoSELayer.__init__:
-                        init(self, *a) or setattr(self, "fast", request.param))
+                        init(self, *a) or setattr(self, "use_fast", request.param))
     return request.param
 
 
