@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import calibration_batches, configure, fail, setup_device
+from configurator import calibration_batches, check_ranges, configure, fail, setup_device
 from checkpoint import check_tokenizer, load_checkpoint
 from dials import allocate_budget, make_policy
 from model import check_width
@@ -76,6 +76,11 @@ dtype = "auto"
 seed = 1337
 config = configure(globals(), aliases={"json": "json_path"})
 # -----------------------------------------------------------------------------
+check_ranges(config, {   # every number in its range before any work (widths and budgets are checked below)
+    **{k: (lambda v: v >= 1, ">= 1") for k in ("batch_size", "ttt_batches", "ttt_batch_size")},
+    **{k: (lambda v: v >= 0, ">= 0") for k in ("eval_tokens", "match_tol", "top_p_k", "gammas")},
+    "ttt_lr": (lambda v: v > 0, "> 0"),
+})
 
 if plot:   # check for the optional package now, not after a sweep of many minutes
     try:

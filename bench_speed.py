@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from configurator import configure, fail, setup_device
+from configurator import check_ranges, configure, fail, setup_device
 from model import GPT, ConfidenceWidth, GPTConfig, MoSELayer, RandomWidth
 
 # -----------------------------------------------------------------------------
@@ -70,6 +70,14 @@ dtype = "float32"
 seed = 1337
 # -----------------------------------------------------------------------------
 config = configure(globals(), aliases={"json": "json_path"})
+check_ranges(config, {   # every number in its range before any work
+    **{k: (lambda v: v >= 1, ">= 1") for k in ("repeats", "n_layer", "n_head", "n_embd", "n_exp", "k_exp",
+                                             "moe_stride", "expert_hidden", "width_multiple", "vocab_size",
+                                             "block_size", "layer_tokens", "model_batch", "model_seq", "train_batch",
+                                             "train_seq", "decode_tokens", "nanomoe_tokens")},
+    **{k: (lambda v: 0 < v <= 1, "in (0, 1]") for k in ("uniform_widths", "budgets", "mose_width")},
+    "gammas": (lambda v: v >= 0, ">= 0"), "router_std": (lambda v: v > 0, "> 0"),
+})
 parts = tuple(p for s in parts for p in s.split(","))   # --parts=layer,model arrives as one string
 if clock not in ("wall", "cpu"):
     fail(f"clock must be 'wall' or 'cpu', got '{clock}'")

@@ -492,6 +492,8 @@ BAD_INPUT = [
     ("bench_flops.py", ["--out_dir={ckpt}", "--widths=(0.5,2.0)"], "width must be in (0, 1]", None),
     ("bench_flops.py", ["--out_dir={ckpt}", "--ttt_budgets=(0.1,)"], "budgets must be in [w_min=0.25, 1]", None),
     ("bench_flops.py", ["--out_dir={ckpt}", "--eval_tokens=ten"], "--eval_tokens must be of type int", None),
+    ("bench_flops.py", ["--out_dir={ckpt}", "--batch_size=-1"], "--batch_size must be >= 1, got -1", None),
+    ("bench_flops.py", ["--out_dir={ckpt}", "--ttt_lr=-0.01"], "--ttt_lr must be > 0, got -0.01", None),
     # prepare_data.py
     ("prepare_data.py", ["mytext", "--input={tmp}/in.txt", "--out_dir={tmp}/o"], "is not UTF-8 text",
      setup_non_utf8_text),
