@@ -5,6 +5,7 @@ one size (bench_flops --series) as marked points, a dense model as a horizontal 
 
     python bench_flops.py ... --json=rows.json --plot=curve.png     # bench_flops calls draw() itself
     python plot_curve.py rows.json [more.json ...] curve.png        # redraw saved rows (matplotlib needed)
+    python plot_curve.py --all rows.json curve.png                  # every gamma, top-p width and fitted point
 
 Several rows files are drawn together: a model scored in more than one keeps the rows of the first file it is in.
 
@@ -23,9 +24,10 @@ POINTS = {"ttt": ("v", "ttt"), "search": ("D", "gamma searched"), "allocate": ("
 FAMILY_MARKERS = ("s", "h", "p", "d")
 
 
-def lines_of(rows, model):
+def lines_of(rows, model, everything=True):
     """{label: [rows]} for one model's dials: uniform widths at its training k, confidence per gamma, top-p per
-    width, the fitted pair; each sorted by FLOPs."""
+    width, the fitted pair; each sorted by FLOPs. everything=False keeps one line per dial: confidence at gamma 1
+    (where it was run) and top-p at full width."""
     own = [r for r in rows if r["model"] == model]
     k_train = own[0]["k_exp"]                     # bench_flops adds a model's full width at its training k first
     out = {}
@@ -41,22 +43,26 @@ def lines_of(rows, model):
         else:
             continue
         out.setdefault(key, []).append(r)
+    if not everything:
+        gamma_1 = ("confidence", 1.0) in out
+        out = {(p, s): v for (p, s), v in out.items()
+               if not (p == "confidence" and gamma_1 and s != 1.0) and not (p == "top_p" and s != 1.0)}
     return {k: sorted(v, key=lambda r: r["rel_expert_flops"]) for k, v in out.items()}
 
 
-def draw_on(ax, rows):
+def draw_on(ax, rows, everything):
     x = lambda rs: [100 * r["rel_expert_flops"] for r in rs]
     y = lambda rs: [r["val_loss"] for r in rs]
     swept = list(dict.fromkeys(r["model"] for r in rows if r["series"] is None and r["rel_expert_flops"] is not None))
     for n, model in enumerate(swept):
         colour = f"C{n}"
-        for (policy, setting), rs in lines_of(rows, model).items():
+        for (policy, setting), rs in lines_of(rows, model, everything).items():
             marker, what = LINES[policy]
             label = f"{model}: {what}" + (f", gamma {setting:g}" if policy == "confidence" else
                                           f", width {setting:g}" if policy == "top_p" else "")
             style = "-" if policy in ("uniform", "width_top_p") or setting in (None, 1.0) else ":"
             ax.plot(x(rs), y(rs), style, marker=marker, color=colour, ms=5, lw=1.2, alpha=0.9, label=label)
-        for policy, (marker, what) in POINTS.items():
+        for policy, (marker, what) in POINTS.items() if everything else ():
             rs = [r for r in rows if r["model"] == model and r["policy"] == policy]
             if rs:
                 ax.scatter(x(rs), y(rs), marker=marker, color=colour, s=30, zorder=3, label=f"{model}: {what}")
@@ -76,9 +82,9 @@ def draw_on(ax, rows):
     ax.grid(alpha=0.3)
 
 
-def draw(rows, path, zoom=0.1):
+def draw(rows, path, zoom=0.1, everything=False):
     """Two panels of the same curves: every model (the left), and the band within `zoom` nats of the best point
-    (the right), where the dials differ."""
+    (the right), where the dials differ. everything: every gamma, every top-p width and the fitted points too."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -88,7 +94,7 @@ def draw(rows, path, zoom=0.1):
     # worse: those points are cut, and counted in its title
     high = max([low + 0.5] + [r["val_loss"] + 0.03 for r in rows if r["series"] is not None])
     for ax, top, what in ((full, high, "every model"), (near, low + zoom, f"within {zoom:g} nats of the best")):
-        draw_on(ax, rows)
+        draw_on(ax, rows, everything)
         ax.set_ylim(low - 0.01, top)
         off = sum(r["val_loss"] > top for r in rows)
         ax.set_title(what + (f" ({off} points above {top:.2f} not shown)" if off else ""), fontsize=10)
@@ -100,6 +106,8 @@ def draw(rows, path, zoom=0.1):
 
 
 if __name__ == "__main__":
+    everything = "--all" in sys.argv
+    sys.argv = [a for a in sys.argv if a != "--all"]
     if len(sys.argv) < 3:
         sys.exit("usage: python plot_curve.py ROWS.json [MORE.json ...] PLOT.png (rows of bench_flops.py --json=...)")
     rows, seen = [], set()
@@ -111,5 +119,5 @@ if __name__ == "__main__":
             sys.exit(f"plot_curve.py: {path} is not a rows file of bench_flops.py --json ({type(e).__name__})")
         rows += [r for r in these if r["model"] not in seen]
         seen |= {r["model"] for r in these}
-    draw(rows, sys.argv[-1])
+    draw(rows, sys.argv[-1], everything=everything)
     print(f"wrote {sys.argv[-1]}")
