@@ -1,4 +1,4 @@
-# MoSE on Project Gutenberg by character (issue 24: does MoSE pay where text is not repeated?). The Shakespeare main
+# MoSE on Project Gutenberg by character: does MoSE pay where text is not repeated? The Shakespeare main
 # job's model and recipe, unchanged, on text that no run reads twice, with validation by authors it never read.
 # python prepare_data.py gutenberg_char --input=PATH/gutenberg && python train.py config/train_gutenberg_mose.py
 #
