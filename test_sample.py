@@ -61,9 +61,8 @@ def write_checkpoint(out_dir, model, meta, data_dir, steps, train, widths):
                      "meta": meta, "iter_num": steps, "best_val_loss": 9.9}, str(out_dir / "ckpt.pt"))
 
 
-@pytest.fixture(scope="module")
-def ckpts(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sample")
+def char_data(request, root):
+    """A character-level dataset under root/data from make_text, one torch thread for the module: (meta, train)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     request.addfinalizer(lambda: torch.set_num_threads(threads))
@@ -71,9 +70,15 @@ def ckpts(request, tmp_path_factory):
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
     meta = {"tokenizer": "char", "vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}
-    train = write_data(root, text, lambda s: [stoi[c] for c in s])
+    return meta, write_data(root, text, lambda s: [stoi[c] for c in s])
+
+
+@pytest.fixture(scope="module")
+def ckpts(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    meta, train = char_data(request, root)
     torch.manual_seed(0)
-    tiny = dict(block_size=BLOCK, vocab_size=len(chars), n_layer=2, n_head=2, n_embd=32)
+    tiny = dict(block_size=BLOCK, vocab_size=meta["vocab_size"], n_layer=2, n_head=2, n_embd=32)
     write_checkpoint(root / "mose", GPT(GPTConfig(**tiny, n_exp=4, k_exp=2, expert_hidden=64)), meta,
                      root / "data", 30, train, (None, 0.5))
     write_checkpoint(root / "dense", GPT(GPTConfig(**tiny, n_exp=0)), meta, root / "data", 10, train, (None,))

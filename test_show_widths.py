@@ -19,7 +19,7 @@ import torch
 
 import show_widths as sw
 from model import GPT, ConfidenceWidth, GPTConfig
-from test_sample import make_text, write_checkpoint, write_data
+from test_sample import char_data, write_checkpoint
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 BLOCK = 32
@@ -32,17 +32,10 @@ PROMPT = "The king:\nWhat say"   # characters that the stand-in text of test_sam
 def ckpt(request, tmp_path_factory):
     """A MoSE checkpoint with two MoE layers (so per-layer dials and --width_layer mean something)."""
     root = tmp_path_factory.mktemp("widths")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    request.addfinalizer(lambda: torch.set_num_threads(threads))
-    text = make_text(request)
-    chars = sorted(set(text))
-    stoi = {c: i for i, c in enumerate(chars)}
-    meta = {"tokenizer": "char", "vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}
-    train = write_data(root, text, lambda s: [stoi[c] for c in s])
+    meta, train = char_data(request, root)
     torch.manual_seed(0)
-    write_checkpoint(root / "mose", GPT(GPTConfig(**TINY, vocab_size=len(chars))), meta, root / "data", 20, train,
-                     (None, 0.5))
+    write_checkpoint(root / "mose", GPT(GPTConfig(**TINY, vocab_size=meta["vocab_size"])), meta, root / "data", 20,
+                     train, (None, 0.5))
     return root / "mose"
 
 
