@@ -196,13 +196,21 @@ n_windows = min(eval_tokens // T, (len(val) - 1) // T)
 if n_windows < 2:   # a standard error needs at least two windows
     fail(f"{dataset}'s val.bin has {len(val)} tokens, fewer than two windows of block_size {T} + 1: "
          f"use more text" + (f" or a larger --eval_tokens (now {eval_tokens})" if eval_tokens // T < 2 else ""))
-starts = np.arange(n_windows) * T
-val_batches = []
-for i in range(0, n_windows, batch_size):
-    s = starts[i:i + batch_size]
-    x = torch.from_numpy(np.stack([val[j:j + T] for j in s]).astype(np.int64)).to(device)
-    y = torch.from_numpy(np.stack([val[j + 1:j + 1 + T] for j in s]).astype(np.int64)).to(device)
-    val_batches.append((x, y))
+
+
+def window_batches(ids, n_windows):
+    """The first n_windows non-overlapping windows of T tokens of ids and their next tokens, in batches of
+    batch_size on the device: [(x, y)], the same for every row (validation and --eval_text)."""
+    batches = []
+    for i in range(0, n_windows, batch_size):
+        s = np.arange(i, min(i + batch_size, n_windows)) * T
+        x = torch.from_numpy(np.stack([ids[j:j + T] for j in s]).astype(np.int64)).to(device)
+        y = torch.from_numpy(np.stack([ids[j + 1:j + 1 + T] for j in s]).astype(np.int64)).to(device)
+        batches.append((x, y))
+    return batches
+
+
+val_batches = window_batches(val, n_windows)
 # calibration text for fitting policies comes from the train split, less the held-out tail: never fit on what
 # is reported (the same helper as sample.py's)
 try:
@@ -263,10 +271,7 @@ if eval_text:   # non-overlapping windows from the start of the text, like valid
     if n_text < 2:   # a standard error needs two windows
         fail(f"--eval_text={eval_text} gives {len(ids):,} tokens: fewer than two windows of block_size {T} + 1" +
              (f" within --eval_text_tokens={eval_text_tokens}" if eval_text_tokens else "") + ": use more text")
-    for i in range(0, n_text, batch_size):
-        s = np.arange(i, min(i + batch_size, n_text)) * T
-        text_batches.append((torch.from_numpy(np.stack([ids[j:j + T] for j in s])).to(device),
-                             torch.from_numpy(np.stack([ids[j + 1:j + 1 + T] for j in s])).to(device)))
+    text_batches = window_batches(ids, n_text)
     text_chars = int(chars_per_token[ids[1:n_text * T + 1]].sum())   # the characters of the scored targets
     unknown = sum(c not in stoi for c in text) if meta["tokenizer"] == "char" else 0
     print(f"--eval_text={eval_text}: {len(text):,} characters, {len(ids):,} tokens" +

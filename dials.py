@@ -262,7 +262,7 @@ def make_policy(model, policy="uniform", width=1.0, budget=None, gamma=1.0, k_ex
         raise ValueError("fitting a policy to a budget needs calibration batches of text")
     if policy == "confidence":
         p = ConfidenceWidth(gamma, width if budget is None else budget, w_min, grid)
-        return p if budget is None else fit_budget(model, p, [x for x, _ in batches], budget, k_exp)
+        return p if budget is None else fit_budget(model, p, calibration_inputs(batches), budget, k_exp)
     if policy == "search":
         return fit_search(model, batches, budget, k_exp, w_min, grid)
     if policy == "allocate":

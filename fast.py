@@ -24,13 +24,7 @@ def decode_moe(layer, x, width, k, top_p=None):
     arithmetic, each (token, expert) pair on its own row. Returns model.MoEOutput."""
     B, T, C = x.shape
     x = x.reshape(B * T, C)                                            # (N, C)
-    r = layer.router(x, k, top_p=top_p)
-    if isinstance(width, model.WidthPolicy):
-        h = layer.experts.h(width(r.gates, layer.moe_index))          # (N, k)
-    else:
-        h = torch.full_like(r.expert_idx, layer.experts.h(width))
-    if r.used is not None:                                             # top-p routing: unused pairs run nothing
-        h = h * r.used
+    r, _, h = layer.route(x, width, k, top_p=top_p)                   # h (N, k): 0 = not run (top-p routing)
     ex, rows = layer.experts, []
     for n, (experts, gates, units) in enumerate(zip(r.expert_idx.tolist(), r.gates.tolist(), h.tolist())):
         y_n = None

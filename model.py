@@ -316,23 +316,28 @@ class MoSELayer(nn.Module):
             # a handful of pairs without autograd: what decoding a token with the KV cache looks like
             return fast.decode_moe(self, x, width, k, top_p)
         x = x.reshape(B * T, C)                                            # (N, C)
+        r, widths, h = self.route(x, width, k, k_pool, top_p)
+        # a policy's widths carry a gradient only while its parameter is being fitted (dials.fit_ttt's gamma):
+        # then every pair runs at full width and a differentiable prefix mask slims it
+        soft_mask = prefix_mask(widths, h, self.experts.hidden) if widths is not None and widths.requires_grad \
+            else None                                                      # (N, k, H)
+        y = self.dispatch(x, r.expert_idx, r.gates, h, soft_mask=soft_mask)   # (N, C)
+        spent = pair_flops(C, h.sum(dim=1).float())                        # (N,) expert FLOPs of each token
+        return MoEOutput(self.dropout(y).view(B, T, C), r, h, spent)
+
+    def route(self, x, width, k, k_pool=None, top_p=None):
+        """x (N, C) -> the router's choices, the policy's widths (N, k; None for one width for all) and the hidden
+        units each (token, expert) pair runs, h (N, k). The policy reads the gates but never trains the router."""
         r = self.router(x, k, k_pool, top_p)
-        # a width per pair: the policy reads the gates but never trains the router. Its widths carry a gradient
-        # only while a policy's parameter is being fitted (dials.fit_ttt's gamma): then every pair runs at full
-        # width and a differentiable prefix mask slims it
-        soft_mask = None
+        widths = None
         if isinstance(width, WidthPolicy):
             widths = width(r.gates.detach(), self.moe_index)               # (N, k)
             h = self.experts.h(widths.detach())                            # (N, k)
-            if widths.requires_grad:
-                soft_mask = prefix_mask(widths, h, self.experts.hidden)    # (N, k, H)
         else:
             h = torch.full_like(r.expert_idx, self.experts.h(width))       # (N, k) one width for all
         if r.used is not None:             # top-p routing: an unused pair has no hidden units, runs nothing
             h = h * r.used
-        y = self.dispatch(x, r.expert_idx, r.gates, h, soft_mask=soft_mask)   # (N, C)
-        spent = pair_flops(C, h.sum(dim=1).float())                        # (N,) expert FLOPs of each token
-        return MoEOutput(self.dropout(y).view(B, T, C), r, h, spent)
+        return r, widths, h
 
     def dispatch(self, x, expert_idx, gates, h, soft_mask=None):
         """x (N, C); expert_idx, gates, h (N, k): each pair's expert, gate and hidden units. Returns (N, C)."""

@@ -5,8 +5,9 @@ See where the compute goes: the generated text coloured by the width each token'
     python sample.py --out_dir=out-shakespeare-mose --policy=confidence --budget=0.5 --html=widths.html
 
 A MoSE width policy gives every (token, expert) pair its own width (and top-p routing every token its own number
-of experts), so at a budget the model spends more on some tokens than on others. sample.py (with --show_widths or --html) hands model.generate a list, trace=, that
-receives each decoding step's stats, and keeps each router's gates with a forward hook; this file reads them:
+of experts), so at a budget the model spends more on some tokens than on others. sample.py (with --show_widths
+or --html) hands model.generate a list, trace=, that receives each decoding step's stats, and keeps each
+router's gates with a forward hook; this file reads them:
 
   recording    the trace and the gates of one generate() call, and each position's pairs out of them
   token_width  the one number a token is coloured by
