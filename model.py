@@ -15,7 +15,8 @@ pair read from the router's confidence. Read top to bottom:
   6. Width policies               router probabilities -> a width per pair: uniform, confidence, random
   7. Block, GPT                   forward with its dials (width, k_exp, top_p), FLOPs, generate
 
-Fitting a policy to a FLOPs budget lives in dials.py; checkpoints and tokenizers in checkpoint.py.
+Fitting a policy to a FLOPs budget lives in dials.py; checkpoints and tokenizers in checkpoint.py; decoding a
+token takes fast.py's path (MoSELayer.forward says where), everything else runs the code below.
 
 References: MoSE (Tastan et al., arXiv 2602.06154); Matryoshka MoE (arXiv 2509.26520); Elastic MoE (arXiv
 2509.21892); Switch Transformer (load-balancing loss); ST-MoE (router z-loss); Slimmable Networks (nested
