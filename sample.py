@@ -164,12 +164,17 @@ meta = checkpoint.get("meta") or {"tokenizer": "gpt2"}
 if meta["tokenizer"] == "char":
     stoi, itos = meta["stoi"], meta["itos"]
 
+    unk = meta.get("unk")   # the replacement symbol that rare characters were read as (gutenberg_char has one)
+
     def encode(s):
         unknown = sorted({c for c in s if c not in stoi})
-        if unknown:
+        if unknown and unk is None:
             fail(f"the prompt has characters outside this model's vocabulary: {', '.join(map(repr, unknown))} "
                  f"(the model knows {len(stoi)} characters)")
-        return [stoi[c] for c in s]
+        if unknown:
+            print(f"the prompt's {', '.join(map(repr, unknown))} are outside this model's vocabulary: read as {unk!r}, "
+                  f"as in training", file=sys.stderr)
+        return [stoi[c] if c in stoi else stoi[unk] for c in s]
 
     def decode(ids):
         return "".join(itos[i] for i in ids)

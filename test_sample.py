@@ -155,6 +155,20 @@ def test_dense_checkpoint_samples(ckpts):
     assert "operating point: dense GPT" in p.stdout and spent(p.stdout)[1:] == (100.0, None)
 
 
+def test_prompt_characters_outside_the_vocabulary_read_as_unk(ckpts):
+    # a vocabulary with a replacement symbol (prepare_data.py gutenberg_char's U+FFFD) reads unknown characters as
+    # it, as training did; without one (the mose checkpoint) they are refused (test_bad_flags_are_one_clear_line)
+    checkpoint = torch.load(ckpts / "dense" / "ckpt.pt", weights_only=False)
+    unk = checkpoint["meta"]["itos"][0]
+    checkpoint["meta"] = {**checkpoint["meta"], "unk": unk}
+    (ckpts / "dense-unk").mkdir(exist_ok=True)
+    save_checkpoint(checkpoint, str(ckpts / "dense-unk" / "ckpt.pt"))
+    p = sample(ckpts, "--start=thé ✓", model="dense-unk")
+    assert p.returncode == 0, p.stderr
+    assert f"'é', '✓' are outside this model's vocabulary: read as {unk!r}" in p.stderr
+    assert f"th{unk} {unk}" in p.stdout
+
+
 def test_gpt2_tokenizer(ckpts, request):
     request.getfixturevalue("shared_data")   # tiktoken's GPT-2 files come from there (skips without)
     torch.manual_seed(0)
