@@ -29,6 +29,7 @@ from configurator import calibration_batches, check_ranges, configure, fail, set
 from checkpoint import check_tokenizer, load_checkpoint
 from dials import allocate_budget, make_policy
 from model import check_width
+from prepare_data import gpt2_encoding
 
 # -----------------------------------------------------------------------------
 out_dir = "out-shakespeare-mose"   # the MoSE checkpoint to sweep
@@ -251,12 +252,7 @@ if eval_text or lambada:
                      f"(meta.pkl's 'unk', as prepare_data.py gutenberg_char writes it)")
             return [stoi[c] if c in stoi else stoi[unk] for c in text]
     else:
-        import tiktoken
-        try:   # offline, tiktoken needs its cached files (TIKTOKEN_CACHE_DIR)
-            enc = tiktoken.get_encoding("gpt2")
-        except Exception as e:
-            fail(f"could not load tiktoken's gpt2 encoding ({type(e).__name__}): go online once, or set "
-                 f"TIKTOKEN_CACHE_DIR to a folder holding its cached files")
+        enc = gpt2_encoding(fail)   # offline, tiktoken needs its cached files (TIKTOKEN_CACHE_DIR)
         # bits per character need the characters each token holds: the characters whose first UTF-8 byte is in it,
         # so over a run of tokens the count is exact even where a token splits a character
         chars_per_token = np.zeros(main_model.config.vocab_size, np.int64)

@@ -43,6 +43,7 @@ from configurator import calibration_batches, configure, fail, setup_device
 from checkpoint import check_tokenizer, load_checkpoint
 from dials import POLICIES, make_policy
 from model import check_width
+from prepare_data import gpt2_encoding
 
 # -----------------------------------------------------------------------------
 out_dir = "out"
@@ -182,8 +183,7 @@ if meta["tokenizer"] == "char":
     def pieces(ids):   # each token's own text (show_widths.py colours them one by one)
         return [itos[i] for i in ids]
 else:
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding(fail)   # offline, tiktoken needs its cached files (TIKTOKEN_CACHE_DIR)
     encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
     decode = enc.decode
 

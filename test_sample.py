@@ -85,9 +85,9 @@ def ckpts(request, tmp_path_factory):
     return root
 
 
-def sample(ckpts, *args, model="mose"):
+def sample(ckpts, *args, model="mose", **env):
     # one thread: the models are tiny, and on a busy 2-core machine torch's thread pool mostly waits on itself
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     return subprocess.run([sys.executable, "sample.py", f"--out_dir={ckpts / model}", "--num_samples=1",
                            "--max_new_tokens=48", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -181,6 +181,11 @@ def test_gpt2_tokenizer(ckpts, request):
     p = sample(ckpts, "--start=Hello, world<|endoftext|>", "--max_new_tokens=8", "--width=0.25", model="bpe")
     assert p.returncode == 0, p.stderr
     assert "Hello, world<|endoftext|>" in p.stdout and spent(p.stdout)[2] == 25.0
+    # offline without tiktoken's files: one line naming the fix (every proxy at a closed port: no download)
+    proxies = {k: "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
+    p = sample(ckpts, "--start=Hello", model="bpe", TIKTOKEN_CACHE_DIR=str(ckpts / "empty_cache"), **proxies)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.startswith("sample.py: could not load tiktoken's gpt2 encoding") and "TIKTOKEN_CACHE_DIR" in p.stderr
 
 
 @pytest.mark.parametrize("args,message,model", [
