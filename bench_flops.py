@@ -39,7 +39,7 @@ series = ""                        # families of baselines, one operating point 
                                    # --series="one MoE per size:out-moe-h64,out-moe-h128;a quarter each:out-q64,out-q128"
 data_dir = ""                      # '' = from the checkpoint's config
 dataset = ""
-eval_tokens = 131072               # validation tokens per operating point (non-overlapping windows)
+eval_tokens = 131072               # validation tokens per operating point (non-overlapping windows, spread)
 match_tol = 0.01                   # also report the cheapest measured point within this many nats of a baseline's
 split = "val"                      # 'val', or 'holdout': the held-out tail of train.bin that the main model was
                                    # trained without (train.py --holdout_tokens), for choosing recipes
@@ -199,19 +199,21 @@ if n_windows < 2:   # a standard error needs at least two windows
          f"use more text" + (f" or a larger --eval_tokens (now {eval_tokens})" if eval_tokens // T < 2 else ""))
 
 
-def window_batches(ids, n_windows):
-    """The first n_windows non-overlapping windows of T tokens of ids and their next tokens, in batches of
-    batch_size on the device: [(x, y)], the same for every row (validation and --eval_text)."""
+def window_batches(ids, starts):
+    """The windows of T tokens of ids at starts and their next tokens, in batches of batch_size on the device:
+    [(x, y)], the same for every row (validation and --eval_text)."""
     batches = []
-    for i in range(0, n_windows, batch_size):
-        s = np.arange(i, min(i + batch_size, n_windows)) * T
+    for i in range(0, len(starts), batch_size):
+        s = starts[i:i + batch_size]
         x = torch.from_numpy(np.stack([ids[j:j + T] for j in s]).astype(np.int64)).to(device)
         y = torch.from_numpy(np.stack([ids[j + 1:j + 1 + T] for j in s]).astype(np.int64)).to(device)
         batches.append((x, y))
     return batches
 
 
-val_batches = window_batches(val, n_windows)
+# every (n / n_windows)-th of the split's n non-overlapping windows: spread over all of it, since a split of many
+# books (Gutenberg's held-out authors) would otherwise be scored on its first book alone; all of them when they fit
+val_batches = window_batches(val, np.arange(n_windows) * ((len(val) - 1) // T // n_windows) * T)
 # calibration text for fitting policies comes from the train split, less the held-out tail: never fit on what
 # is reported (the same helper as sample.py's)
 try:
@@ -267,7 +269,7 @@ if eval_text:   # non-overlapping windows from the start of the text, like valid
     if n_text < 2:   # a standard error needs two windows
         fail(f"--eval_text={eval_text} gives {len(ids):,} tokens: fewer than two windows of block_size {T} + 1" +
              (f" within --eval_text_tokens={eval_text_tokens}" if eval_text_tokens else "") + ": use more text")
-    text_batches = window_batches(ids, n_text)
+    text_batches = window_batches(ids, np.arange(n_text) * T)
     text_chars = int(chars_per_token[ids[1:n_text * T + 1]].sum())   # the characters of the scored targets
     unknown = sum(c not in stoi for c in text) if meta["tokenizer"] == "char" else 0
     print(f"--eval_text={eval_text}: {len(text):,} characters, {len(ids):,} tokens" +

@@ -376,7 +376,7 @@ def prefix_mask(widths, h, full, tau=None):
     """Differentiable stand-in for 'keep the first h(w) hidden units', used only while fitting a policy.
     Forward: exactly the hard prefix mask (so the loss is the true loss at those widths). Backward: the
     gradient of a sigmoid ramp of temperature tau hidden units around w * full (straight-through)."""
-    tau = tau or max(1.0, 0.025 * full)
+    tau = tau or max(1.0, 0.025 * full)   # a few units: the gradient sees the units near the edge, not the row
     units = torch.arange(full, device=widths.device, dtype=widths.dtype) + 0.5       # (H,) unit centres
     hard = (units < h[..., None]).to(widths.dtype)                                   # (N, k, H)
     soft = torch.sigmoid((widths[..., None] * full - units) / tau)                   # (N, k, H)
@@ -466,7 +466,8 @@ class RandomWidth(WidthPolicy):
         return torch.where(u[0] < self.p_full, 1.0, w).to(gates.device)
 
     def mix(self):
-        """{width: probability} of what __call__ draws on the grid (None without one: the draw is continuous)."""
+        """{width: probability} of what __call__ draws on the grid (None without one: the draw is continuous).
+        Below p_full, w is uniform on [w_min, 1] then rounded: each grid point gets its rounding interval's share."""
         g, lo = self.grid, self.w_min
         if not g:
             return None

@@ -270,6 +270,18 @@ def test_eval_text_and_lambada_rows(ood, tmp_path):
     with torch.no_grad():
         nats = F.cross_entropy(model(x, y, width=0.5, k_exp=2).logits.transpose(1, 2), y, reduction="sum").item()
     assert abs(row["eval_text_bits_per_char"] - nats / math.log(2) / (n * T)) < 1e-4
+    # validation by hand: 2,048 // T windows spread over all of val.bin (every m-th of its non-overlapping ones), so
+    # a split of several books is not scored on its first book alone
+    import numpy as np
+    val = torch.from_numpy(np.fromfile(ood / "data" / "gutenberg_char" / "val.bin", dtype=np.uint16).astype(np.int64))
+    n = 2048 // T
+    m = (len(val) - 1) // T // n
+    assert m > 1   # the split is longer than the windows scored: they are spread, not the first ones
+    starts = torch.arange(n) * m * T
+    x, y = torch.stack([val[s:s + T] for s in starts]), torch.stack([val[s + 1:s + 1 + T] for s in starts])
+    with torch.no_grad():
+        loss = F.cross_entropy(model(x, y, width=0.5, k_exp=2).logits.transpose(1, 2), y).item()
+    assert abs(row["val_loss"] - loss) < 1e-4
     # --lambada by hand: greedy decoding, one token at a time, after the context's last T - len(word) + 1 tokens
     passages = [json.loads(line)["text"] for line in (ood / "lambada.jsonl").read_text().splitlines()[:5]]
     hits, word_nats = [], []
