@@ -36,7 +36,7 @@ out_dir = "out-shakespeare-mose"   # the MoSE checkpoint to sweep
 compare = ""                       # comma-separated checkpoint dirs of baselines (plain MoE, dense)
 series = ""                        # families of baselines, one operating point per model (its full width and
                                    # training k), each family drawn as one line, e.g. one dedicated MoE per size:
-                                   # --series="one MoE per size:out-moe-h64,out-moe-h128;a quarter each:out-q64,out-q128"
+                                   # --series="one MoE per size:out-h64,out-h128;a quarter each:out-q64,out-q128"
 data_dir = ""                      # '' = from the checkpoint's config
 dataset = ""
 eval_tokens = 131072               # validation tokens per operating point (non-overlapping windows, spread)
@@ -351,7 +351,8 @@ def evaluate(model, width, k_exp, top_p=None):
     seq_losses = torch.cat(seq_losses).double()
     expert = sum(expert_flops) / len(seq_losses)
     total = model.flops_breakdown(1.0, k_exp)["non_expert"] + expert
-    return dict(val_loss=seq_losses.mean().item(), val_loss_stderr=(seq_losses.std() / math.sqrt(len(seq_losses))).item(),
+    stderr = seq_losses.std() / math.sqrt(len(seq_losses))
+    return dict(val_loss=seq_losses.mean().item(), val_loss_stderr=stderr.item(),
                 flops_per_token=total, expert_flops_per_token=expert,
                 experts_per_token=sum(experts) / len(seq_losses) if model.config.n_exp else None,
                 tokens_per_s=len(seq_losses) * T / seconds), seq_losses
@@ -408,7 +409,8 @@ def add_row(name, policy, width, k_exp, gamma=None, budget=None, top_p=None):
                width=width if isinstance(width, (float, list)) else getattr(width, "Gamma", None),
                k_exp=k, gamma=gamma, budget=budget, top_p=top_p, train_flops=train_flops[name], **result,
                rel_flops=result["flops_per_token"] / reference["total"],
-               rel_expert_flops=result["expert_flops_per_token"] / reference["experts"] if reference["experts"] else None,
+               rel_expert_flops=(result["expert_flops_per_token"] / reference["experts"]
+                                 if reference["experts"] else None),
                **ood)
     rows.append(row)
     seq_losses[len(rows) - 1] = per_seq
@@ -421,11 +423,13 @@ def policy_name(r):
 
 
 def format_row(r):
-    fmt = lambda v, f: "-" if v is None else (f.format(v) if not isinstance(v, list) else "/".join(f"{x:.2f}" for x in v))
+    fmt = lambda v, f: ("-" if v is None else f.format(v) if not isinstance(v, list)
+                        else "/".join(f"{x:.2f}" for x in v))
     return (f"{r['model'][:24]:<24} {policy_name(r):<11} {fmt(r['width'], '{:.3f}'):>6} {fmt(r['k_exp'], '{:d}'):>3} "
             f"{fmt(r['gamma'], '{:.2f}'):>6} {fmt(r['budget'], '{:.2f}'):>6} {r['flops_per_token'] / 1e6:9.3f} "
             f"{r['rel_flops']:6.3f} {r['expert_flops_per_token'] / 1e6:9.3f} {fmt(r['rel_expert_flops'], '{:.3f}'):>6} "
-            f"{r['val_loss']:7.4f} ±{r['val_loss_stderr']:.4f} {math.exp(r['val_loss']):7.3f} {r['tokens_per_s']:9,.0f}"
+            f"{r['val_loss']:7.4f} ±{r['val_loss_stderr']:.4f} {math.exp(r['val_loss']):7.3f} "
+            f"{r['tokens_per_s']:9,.0f}"
             + (f" {r['eval_text_nats_per_token']:9.4f} {r['eval_text_bits_per_char']:6.3f}" if eval_text else "")
             + (f" {r['lambada_acc']:8.3f} {r['lambada_nats_per_word']:8.3f}" if lambada else ""))
 
@@ -605,7 +609,8 @@ def setting(r):
         return f"w {r['width']:g} " + ("all k" if r["top_p"] is None else f"p {r['top_p']:.3g}")
     if r["policy"] == "allocate":
         return f"widths {'/'.join(f'{w:g}' for w in r['width'])} k {'/'.join(map(str, r['k_exp']))}"
-    return "gamma " + ("/".join(f"{g:.2f}" for g in r["gamma"]) if isinstance(r["gamma"], list) else f"{r['gamma']:.2f}")
+    gamma = r["gamma"]
+    return "gamma " + ("/".join(f"{g:.2f}" for g in gamma) if isinstance(gamma, list) else f"{gamma:.2f}")
 
 
 for i, j in pairs:

@@ -341,7 +341,8 @@ if "fast" in parts:
         for what, fn, w in ((f"training step, plain MoE ({idx.numel()} tokens)", train_step, 1.0),
                             (f"training step, random_pair ({idx.numel()} tokens)", train_step, pair),
                             (f"decoding {decode_tokens} tokens, width 1", decode, 1.0),
-                            (f"decoding {decode_tokens} tokens, confidence Gamma 0.5", decode, ConfidenceWidth(1.0, 0.5))):
+                            (f"decoding {decode_tokens} tokens, confidence Gamma 0.5", decode,
+                             ConfidenceWidth(1.0, 0.5))):
             for on in (True, False):
                 points[(what, on)] = (fn, w, on)
 

@@ -10,6 +10,7 @@ DDP on 4 GPUs of one node (gloo instead of nccl on CPU):
 Every global below is a config key: override it in a config file or with --key=value.
 """
 
+import gc
 import json
 import math
 import os
@@ -238,7 +239,8 @@ if 0 < holdout_tokens <= block_size:
     fail(f"holdout_tokens ({holdout_tokens}) must exceed block_size ({block_size}) to hold one window, or be 0")
 meta_path = os.path.join(split_dir, "meta.pkl")
 try:
-    meta = pickle.load(open(meta_path, "rb")) if os.path.exists(meta_path) else {"tokenizer": "gpt2", "vocab_size": 50257}
+    gpt2_meta = {"tokenizer": "gpt2", "vocab_size": 50257}
+    meta = pickle.load(open(meta_path, "rb")) if os.path.exists(meta_path) else gpt2_meta
     meta["tokenizer"], meta["vocab_size"]
 except Exception as e:   # a truncated or foreign file: prepare_data.py writes it again
     fail(f"{meta_path} is not a meta.pkl of prepare_data.py ({type(e).__name__}): run `python prepare_data.py "
@@ -657,7 +659,8 @@ while True:
             for w in router_weights:
                 w.requires_grad_(i == 0)   # the trunk still learns through the gates; the router's weights do not
             if ddp:   # sync gradients only on the very last backward of the step (flat, instead of no_sync())
-                model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1 and i == len(widths) - 1
+                sync_now = micro_step == gradient_accumulation_steps - 1 and i == len(widths) - 1
+                model.require_backward_grad_sync = sync_now
             with ctx:
                 out = model(X, Y, width=width_of(width, micro_step) if n_exp else None, k_exp=k_of(ks, micro_step),
                             k_pool=k_pool or None, top_p=route_top_p)
@@ -723,4 +726,5 @@ if ddp:   # wait for rank 0 to finish its last checkpoint: a rank that tears dow
     # DDP holds the process group: release it first, so gloo's threads end now, not while the interpreter
     # is being torn down (where they abort the process: "terminate called without an active exception")
     del model
+    gc.collect()   # the DDP wrapper sits in reference cycles: free it now, not at exit
     destroy_process_group()
