@@ -10,7 +10,6 @@ DDP on 4 GPUs of one node (gloo instead of nccl on CPU):
 Every global below is a config key: override it in a config file or with --key=value.
 """
 
-import gc
 import json
 import math
 import os
@@ -726,5 +725,4 @@ if ddp:   # wait for rank 0 to finish its last checkpoint: a rank that tears dow
     # DDP holds the process group: release it first, so gloo's threads end now, not while the interpreter
     # is being torn down (where they abort the process: "terminate called without an active exception")
     del model
-    gc.collect()   # the DDP wrapper sits in reference cycles: free it now, not at exit
     destroy_process_group()
