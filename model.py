@@ -23,6 +23,7 @@ References: MoSE (Tastan et al., arXiv 2602.06154); Matryoshka MoE (arXiv 2509.2
 prefix widths); nanoGPT, nanoMoE.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -85,7 +86,7 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.block_size = config.n_head, config.block_size
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -96,13 +97,17 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)]  # (B, nh, T, hs)
         if cache is not None:
-            # KV cache for generation: keys/values of earlier positions are kept, only new ones computed.
+            # KV cache for generation: keys/values of earlier positions are kept, only new ones computed, in
+            # buffers of block_size positions written in place (no copy of the whole past at every token).
             # Either the cache is empty (prefill, causal) or we add one token that sees everything before it.
-            if cache and T != 1:
+            n = cache.get("n", 0)                                          # positions filled so far
+            if n and T != 1:
                 raise ValueError("a filled KV cache takes one token at a time")
-            if cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
+            if not n:
+                cache["k"], cache["v"] = (k.new_empty(B, self.n_head, self.block_size, C // self.n_head)
+                                          for _ in range(2))               # (B, nh, block_size, hs)
+            cache["k"][:, :, n:n + T], cache["v"][:, :, n:n + T], cache["n"] = k, v, n + T
+            k, v = cache["k"][:, :, :n + T], cache["v"][:, :, :n + T]     # (B, nh, n + T, hs)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -590,7 +595,7 @@ class GPT(nn.Module):
         per MoE layer: load, experts_per_token, and for every (token, expert) pair (B, T, k) its expert and the
         width it ran at, h/H (the rounding of h(w) included; 0 = not run)."""
         B, T = idx.size()
-        past = kv_cache[0]["k"].size(2) if kv_cache and kv_cache[0] else 0
+        past = kv_cache[0].get("n", 0) if kv_cache else 0                 # positions already in the cache
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of length {past + T} exceeds block_size {self.config.block_size}")
         widths, ks = self.resolve_dials(width, k_exp)
@@ -666,33 +671,52 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
     def new_kv_cache(self):
-        return [{} for _ in range(self.config.n_layer)]
+        return [{} for _ in range(self.config.n_layer)]   # one per layer, filled by CausalSelfAttention
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, width=None, k_exp=None,
                  use_cache=True, route_top_p=None, trace=None):
         """Sample max_new_tokens after idx (B, T). top_k is token sampling's; the compute dials are width, k_exp
-        and route_top_p (forward's top_p). With use_cache, keys/values are kept between steps; once the context
-        outgrows block_size the window slides and the cache is rebuilt each step (absolute positions shift).
-        trace: a list that receives each step's stats. Returns (idx, mean spent FLOPs per token)."""
-        cache, flops, dials = None, [], dict(width=width, k_exp=k_exp, top_p=route_top_p)
-        for _ in range(max_new_tokens):
-            window = idx[:, -self.config.block_size:]
-            if not use_cache or idx.size(1) > self.config.block_size:
-                cache = None
-                out = self(window, **dials)                             # no cache: the whole window
-            elif cache is None:
-                cache = self.new_kv_cache()
-                out = self(window, kv_cache=cache, **dials)             # prefill the cache
-            else:
-                out = self(idx[:, -1:], kv_cache=cache, **dials)        # one new token
-            flops.append(out.stats["flops_per_token"])
-            if trace is not None:
-                trace.append(out.stats)
-            logits = out.logits[:, -1, :] / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits = logits.masked_fill(logits < v[:, -1:], -float("inf"))
-            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
+        and route_top_p (forward's top_p). Each step conditions on a window of the text at positions 0, 1, ...:
+        first the prompt's last block_size tokens, then one more token a step until the window would outgrow
+        block_size, when it restarts from its last block_size // 2 tokens. So every token is predicted from
+        block_size // 2 to block_size tokens (fewer only after a short prompt). With use_cache a step computes only
+        the new token's keys and values, and a restart refills the cache from the half window; use_cache=False
+        recomputes the whole window every step, the reference the cache is tested against. trace: a list that
+        receives each step's stats. Returns (idx, the mean over the steps of the FLOPs per token each step's
+        forward spent; a refill is one step, at the mean of the tokens it re-read)."""
+        block, dials = self.config.block_size, dict(width=width, k_exp=k_exp, top_p=route_top_p)
+        start, cache, flops = max(0, idx.size(1) - block), None, []
+        with without_onednn(idx.device.type == "cpu" and not torch.is_autocast_enabled("cpu")):
+            for _ in range(max_new_tokens):
+                if idx.size(1) - start > block:                         # the window is full: keep its last half
+                    start, cache = idx.size(1) - max(1, block // 2), None
+                if cache is not None:
+                    out = self(idx[:, -1:], kv_cache=cache, **dials)    # one new token
+                else:
+                    cache = self.new_kv_cache() if use_cache else None
+                    out = self(idx[:, start:], kv_cache=cache, **dials)   # the whole window (fills the cache)
+                flops.append(out.stats["flops_per_token"])
+                if trace is not None:
+                    trace.append(out.stats)
+                logits = out.logits[:, -1, :] / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits = logits.masked_fill(logits < v[:, -1:], -float("inf"))
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+                idx = torch.cat((idx, idx_next), dim=1)
         return idx, (torch.stack(flops).mean().item() if flops else 0.0)
+
+
+@contextlib.contextmanager
+def without_onednn(off=True):
+    """oneDNN off for a block, then back as it was. Why, for decoding on the CPU in float32: F.gelu runs oneDNN's
+    kernel there, whose set-up costs about 6 µs a call on one token's row against about 1 µs for ATen's own (the
+    two agree to 1e-6); nothing else in this model uses oneDNN in float32. About a tenth of a token's decoding time
+    on the Shakespeare model."""
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = was and not off
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = was

@@ -346,14 +346,95 @@ def test_kv_cache_matches_full_forward(width, k):
     torch.testing.assert_close(torch.stack(steps[:-1], 1), full[:, 7:19], rtol=1e-4, atol=1e-5)
 
 
-def test_generate_with_and_without_cache_agree_past_block_size():
+def test_kv_cache_is_written_in_place_and_refuses_what_it_cannot_hold():
     model = tiny(block_size=16)
-    for use_cache in (True, False):
-        torch.manual_seed(5)
-        out, flops = model.generate(tokens(B=1, T=4), 30, top_k=5, width=0.5, use_cache=use_cache)
-        if use_cache:
-            cached = out
-    assert torch.equal(cached, out) and out.shape == (1, 34) and flops > 0
+    cache = model.new_kv_cache()
+    model(tokens(B=2, T=10), kv_cache=cache)
+    buffer = cache[0]["k"]
+    assert buffer.shape == (2, 2, 16, 32) and cache[0]["n"] == 10   # (B, nh, block_size, hs), 10 filled
+    for t in range(6):
+        model(tokens(B=2, T=1, seed=t), kv_cache=cache)
+    assert cache[0]["k"] is buffer and cache[0]["n"] == 16              # the same buffer, now full
+    with pytest.raises(ValueError, match="exceeds block_size 16"):
+        model(tokens(B=2, T=1), kv_cache=cache)
+    cache = model.new_kv_cache()
+    model(tokens(B=2, T=3), kv_cache=cache)
+    with pytest.raises(ValueError, match="one token at a time"):   # a filled cache: no causal mask for a chunk
+        model(tokens(B=2, T=2), kv_cache=cache)
+
+
+def window_lengths(prompt, steps, block):
+    """What generate's docstring promises each step reads: the prompt's last block tokens, then one more a step,
+    back to the last block // 2 tokens when it would outgrow block. Written out for a test, not computed like
+    generate does."""
+    lengths, n = [], min(prompt, block)
+    for _ in range(steps):
+        lengths.append(n)
+        n = n + 1 if n < block else block // 2
+    return lengths
+
+
+@pytest.mark.parametrize("prompt", [3, 20])
+def test_generate_reads_a_window_that_restarts_from_its_last_half(prompt):
+    # each step's forward reads (trace: its stats, widths (B, T, k)): without the cache the whole window; with it
+    # the window when the cache is (re)filled, else one token
+    model = tiny(block_size=16).eval()
+    expected = window_lengths(prompt, 40, 16)
+    assert expected[:3] == ([3, 4, 5] if prompt == 3 else [16, 8, 9]) and min(expected) == min(prompt, 8)
+    for use_cache in (False, True):
+        trace = []
+        model.generate(tokens(B=1, T=prompt), 40, use_cache=use_cache, trace=trace)
+        read = [stats["widths"][0].size(1) for stats in trace]
+        if use_cache:   # a refill at the first step and wherever the window restarted
+            expected = [n if s == 0 or n < m else 1 for s, (m, n) in enumerate(zip([0] + expected, expected))]
+        assert read == expected
+
+
+def decode(model, prompt, use_cache, fast, **kw):
+    """generate's tokens, the logits of every step (B, steps, V) and the spent FLOPs, from seed 7."""
+    model.set_fast(fast)
+    logits = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: logits.append(out[:, -1].clone()))
+    torch.manual_seed(7)
+    try:
+        idx, flops = model.generate(prompt, 40, use_cache=use_cache, **kw)
+    finally:
+        hook.remove()
+        model.set_fast(True)
+    return idx, torch.stack(logits, 1), flops
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("dials", [dict(width=1.0), dict(width=0.5, k_exp=1), dict(width=[0.25, 1.0]),
+                                   dict(width=ConfidenceWidth(2.0, 0.5)), dict(width=0.5, route_top_p=0.6),
+                                   dict(width=ConfidenceWidth(4.0, 0.4), route_top_p=0.7, k_exp=3)])
+def test_generate_with_the_cache_matches_the_uncached_reference(B, dials):
+    # past block_size (40 tokens, block 16: three restarts), greedy and sampled, with fast.py's decode path (B = 1
+    # and k_exp = 1 at B = 3 take it: B * k <= n_exp) and without: the same tokens, the same logits at every step
+    model = tiny(block_size=16, moe_stride=1).eval()   # two MoE layers
+    prompt = tokens(B=B, T=3)
+    for sampling in (dict(top_k=1), dict(temperature=1.3)):
+        ref, ref_logits, _ = decode(model, prompt, False, fast=False, **sampling, **dials)
+        assert ref.shape == (B, 43) and len({tuple(row.tolist()) for row in ref}) == B   # the rows differ
+        for fast in (True, False):
+            out, logits, flops = decode(model, prompt, True, fast, **sampling, **dials)
+            assert torch.equal(out, ref), (sampling, fast)
+            torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+            if isinstance(dials["width"], float) and "route_top_p" not in dials:   # uniform: the analytic count
+                assert flops == pytest.approx(model.flops_per_token(dials["width"], dials.get("k_exp")))
+
+
+def test_generate_leaves_onednn_as_it_found_it():
+    # decoding on the CPU switches oneDNN off (its GELU is slow on one row) and back, also when it fails
+    model = tiny(block_size=16)
+    for was in (True, False):
+        torch.backends.mkldnn.enabled = was
+        model.generate(tokens(B=1, T=3), 2)
+        assert torch.backends.mkldnn.enabled == was
+        with pytest.raises(ValueError):
+            model.generate(tokens(B=1, T=3), 2, width=1.5)
+        assert torch.backends.mkldnn.enabled == was
+    torch.backends.mkldnn.enabled = True
 
 
 def test_generate_top_k_keeps_only_the_k_most_likely_tokens():
