@@ -4,10 +4,11 @@ module-level globals, then calls
 
     configure(globals())
 
-Each argument without '=' is a config file (Python) that assigns some of those globals; each --key=value
-overrides one. Values are parsed as Python literals (falling back to a string) and must have the type of the
-default (an int is accepted for a float, "1.0,0.5" or a single number for a tuple). An unknown key or a wrong
-type stops the script with one line that says what to fix.
+Each argument without '--' is a config file (Python) that assigns some of those globals; each --key=value
+overrides one, and a bare --key sets a True/False key to True (--show_widths). Values are parsed as Python
+literals (falling back to a string) and must have the type of the default (an int is accepted for a float,
+"1.0,0.5" or a single number for a tuple). An unknown key or a wrong type stops the script with one line that
+says what to fix.
 
 setup_device() turns the two system keys every script shares, device and dtype, into a checked device and
 the autocast context to run the model under.
@@ -83,9 +84,11 @@ def configure(defaults, argv=None, aliases=None, given=None):
                      if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, type(None)))]
         else:
             key, sep, text = arg[2:].partition("=")
-            if not sep:
-                fail(f"'{arg}' needs a value: --{key}=VALUE")
             key = (aliases or {}).get(key, key)   # e.g. --json= for json_path (a key 'json' would shadow the module)
+            if not sep:   # a bare --flag: True for a True/False key (--show_widths), else a value is missing
+                if key in known and not isinstance(defaults[key], bool):
+                    fail(f"'{arg}' needs a value: {arg}=VALUE (a bare --flag sets only a True/False key)")
+                text = "True"
             # a string key takes the text as it is (--start=1999 is a prompt, not a number)
             items = [(key, text if isinstance(defaults.get(key), str) else parse(text))]
             print(f"Overriding: {key} = {text}")

@@ -9,7 +9,7 @@ Sample from a trained model at a chosen compute:
     python sample.py --out_dir=out-shakespeare-mose --route_top_p=0.6             # 1 or 2 experts per token
     python sample.py --out_dir=out-shakespeare-mose --width=0.5 --route_top_p=0.5 # both: ~30 % of expert FLOPs
     python sample.py --out_dir=out-shakespeare-mose --policy=width_top_p --budget=0.3   # both, fitted
-    python sample.py --out_dir=out-shakespeare-mose --policy=confidence --budget=0.5 --show_widths=True
+    python sample.py --out_dir=out-shakespeare-mose --policy=confidence --budget=0.5 --show_widths
     python sample.py --out_dir=out-shakespeare-mose --policy=confidence --budget=0.5 --html=widths.html
 
 --budget is a fraction of the full-width expert FLOPs at the k_exp used; the script picks the settings that
@@ -21,7 +21,7 @@ Without --budget, --width is the uniform width, or under the confidence policy i
 that the router's gates share out (ConfidenceWidth in model.py), not a width any expert runs at. After each
 sample it prints the FLOPs per token the model actually spent and the tokens per second.
 
-Where the compute goes (show_widths.py): --show_widths=True prints the text (prompt included) with each token
+Where the compute goes (show_widths.py): --show_widths prints the text (prompt included) with each token
 coloured by the width its experts ran at, the mean over the (token, expert) pairs that ran (top-p routing's
 skipped pairs, width 0, do not count) averaged over the MoE layers (--width_layer=N: MoE layer N alone), on a
 scale from narrow (blue) to wide (red), with a legend. On a terminal it uses ANSI colours (24-bit where

@@ -494,6 +494,15 @@ BAD_INPUT = [
     ("bench_flops.py", ["--out_dir={ckpt}", "--eval_tokens=ten"], "--eval_tokens must be of type int", None),
     ("bench_flops.py", ["--out_dir={ckpt}", "--batch_size=-1"], "--batch_size must be >= 1, got -1", None),
     ("bench_flops.py", ["--out_dir={ckpt}", "--ttt_lr=-0.01"], "--ttt_lr must be > 0, got -0.01", None),
+    # a bare --flag sets a True/False key to True in every script (the range check after it is what stops the run),
+    # and a bare non-boolean key is one line naming the fix
+    ("train.py", [*T, "--decay_lr", "--max_iters=-1"], "--max_iters must be >= 0", None),
+    ("sample.py", ["--out_dir={ckpt}", "--show_widths", "--temperature=0"], "temperature must be > 0", None),
+    ("sample.py", ["--out_dir={ckpt}", "--top_k"], "'--top_k' needs a value: --top_k=VALUE (a bare --flag sets only "
+     "a True/False key)", None),
+    ("bench_flops.py", ["--out_dir={ckpt}", "--quick", "--batch_size=-1"], "--batch_size must be >= 1, got -1", None),
+    ("bench_speed.py", ["--warmup", "--parts=layer,speedy"], "parts must be among", None),
+    ("bench_speed.py", ["--json"], "'--json' needs a value: --json=VALUE", None),
     # prepare_data.py
     ("prepare_data.py", ["mytext", "--input={tmp}/in.txt", "--out_dir={tmp}/o"], "is not UTF-8 text",
      setup_non_utf8_text),
@@ -571,6 +580,17 @@ def test_bad_input_is_one_line_naming_the_fix(char_data, tiny_checkpoint, fork_s
         setup(str(tmp_path), char_data, tiny_checkpoint)
     p = run_forked(fork_server, [script, *map(fill, args)], tmp_path)
     one_clear_line(p, fill(message))
+
+
+def test_a_bare_flag_sets_a_true_false_key_to_true():
+    from configurator import configure
+    values = dict(show_widths=False, use_cache=True, top_k=200)
+    configure(values, ["--show_widths", "--use_cache=False"])
+    assert values == dict(show_widths=True, use_cache=False, top_k=200)
+    with pytest.raises(SystemExit, match="'--top_k' needs a value: --top_k=VALUE"):
+        configure(values, ["--top_k"])
+    with pytest.raises(SystemExit, match="unknown config key 'show_width'"):   # a typo is not a new flag
+        configure(values, ["--show_width"])
 
 
 def test_the_bad_input_table_is_big_enough():

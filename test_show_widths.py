@@ -213,7 +213,7 @@ def test_color_by_top_shows_the_routers_confidence(ckpt, tmp_path):
     # the confidence policy shares k * Gamma among a token's experts: their mean stays near Gamma, while the most
     # probable expert's width follows the router (wider where it is sure)
     page = tmp_path / "top.html"
-    out = sample(ckpt, "--show_widths=True", "--policy=confidence", "--gamma=4", "--width=0.5", "--color_by=top",
+    out = sample(ckpt, "--show_widths", "--policy=confidence", "--gamma=4", "--width=0.5", "--color_by=top",
                  f"--html={page}")
     assert "the width (h/H) of its most probable expert" in out
     tops = {float(m) for m in MARK.findall(out.split("\nwidths: each token is followed by ⟨w⟩")[0]) if m != "-"}
