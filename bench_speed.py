@@ -8,7 +8,9 @@ ratios (medians of `repeats`, with the spread), all on random weights (speed doe
   train     MoSE training steps against a plain MoE step (full width): the shipped single pass with a random
             width per (token, expert) pair (width_sampling='random_pair'), the paper's two passes (full width +
             one narrower width, as 'max_random'), and a uniform-width step
-  decode    tokens/s of generate() with the KV cache, batch 1, at width 1 and 0.5, Shakespeare and OWT-small
+  decode    tokens/s of generate() with the KV cache, batch 1, at width 1 and 0.5, Shakespeare and OWT-small;
+            where the text outgrows block_size, also decoding that recomputes the window every step past it
+            (generate before its window slid)
   fast      what fast.py saves end to end: decoding (both models), and the training step as a check that it
             takes no fast path, each with fast.py's path (GPT.set_fast(True), the default) and without
   nanomoe   (not in the default parts: it needs a nanoMoE checkout, whose code is never copied here) a training
@@ -54,7 +56,7 @@ budgets = (0.75, 0.5, 0.3)      # fractions of full-width expert FLOPs
 mose_width = 0.5                # the narrower width of the MoSE training step
 router_std = 1.0                # router logits' std on unit inputs: random weights at 0.02 give near-uniform
                                 # gates, so the confidence policy would hand every expert the same width
-decode_tokens = 100
+decode_tokens = 500             # sample.py's max_new_tokens: past the Shakespeare model's block_size (128)
 # the nanomoe part: nanoMoE's MoE at a size where it runs in seconds on a CPU. Expert hidden is 4 * n_embd (fixed
 # in nanoMoE); character vocabulary and 256-token blocks as for Shakespeare. A step of T tokens is T // seq
 # sequences of seq tokens (T <= seq: one sequence of T)
@@ -280,9 +282,25 @@ if "model" in parts or "train" in parts:
     del model
 
 # --- decoding --------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def generate_recomputing(model, idx, n, width):
+    """Decoding as generate did before its window slid, kept to time generate against: the KV cache until the text
+    fills block_size, then no cache, the last block_size tokens recomputed at every step. Greedy (argmax: a few
+    calls fewer than generate's top_k=1 sampling, so if anything this side is flattered)."""
+    cache, block = model.new_kv_cache(), model.config.block_size
+    for _ in range(n):
+        if idx.size(1) > block:
+            logits = model(idx[:, -block:], width=width).logits                    # the whole window, no cache
+        else:
+            logits = model(idx[:, -1:] if cache[0] else idx, width=width, kv_cache=cache).logits
+        idx = torch.cat((idx, logits[:, -1].argmax(dim=-1, keepdim=True)), dim=1)
+    return idx
+
+
 if "decode" in parts:
-    print(f"\ndecoding: generate() with the KV cache, batch 1, {decode_tokens} new tokens")
-    print(f"{'model':<28} {'width':>6} {'tokens/s':>10} {'spread':>17} {'vs width 1':>11} {'spread':>13} "
+    print(f"\ndecoding: generate() with the KV cache, batch 1, {decode_tokens} new tokens; 'recomputed': the window "
+          f"recomputed every step past block_size, as generate did before its window slid")
+    print(f"{'model':<28} {'point':>18} {'tokens/s':>10} {'spread':>17} {'vs width 1':>11} {'spread':>13} "
           f"{'FLOPs ratio':>12}")
     models = {"shakespeare (0.8M)": GPTConfig(block_size=128, vocab_size=65, n_layer=4, n_head=4, n_embd=128,
                                               n_exp=8, k_exp=2, expert_hidden=256),
@@ -291,21 +309,28 @@ if "decode" in parts:
         model = GPT(cfg).to(device).eval()
         sharpen_routers(model)
         prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
-        points = {1.0: 1.0, 0.5: 0.5}
+        points = {"width 1": (model.generate, 1.0), "width 0.5": (model.generate, 0.5)}
+        if 1 + decode_tokens > cfg.block_size:   # the text outgrows the window: time the old way too
+            points["width 1 recomputed"] = (generate_recomputing, 1.0)
 
-        def run(w):
+        def run(p):
+            fn, w = p
             with ctx:
+                if fn is generate_recomputing:
+                    return timed(lambda: generate_recomputing(model, prompt, decode_tokens, w))
                 return timed(lambda: model.generate(prompt, decode_tokens, width=w, top_k=1))
         times = round_robin(points, run)
-        for w, ts in times.items():
+        seq = min(decode_tokens, cfg.block_size)
+        for name, ts in times.items():
+            w = points[name][1]
             tps = [decode_tokens / t for t in ts]
-            # each repeat's own speed-up (time at width 1 / time at w, the two run back to back): w decodes
-            # measurably faster when even the smallest of them is above 1
-            med, lo, hi = ratio_stats(times[1.0], ts)
-            flops = model.flops_per_token(w, seq_len=decode_tokens) / model.flops_per_token(1.0, seq_len=decode_tokens)
-            print(f"{mname:<28} {w:6g} {statistics.median(tps):10.1f} {min(tps):8.1f}..{max(tps):7.1f} {med:11.3f} "
-                  f"{lo:6.3f}..{hi:5.3f} {flops:12.3f}")
-            rows.append(dict(part="decode", point=f"{mname} width {w:g}", tokens_per_s=statistics.median(tps),
+            # each repeat's own speed-up (time at width 1 / time at this point, the two run back to back): a
+            # point decodes measurably faster when even the smallest of them is above 1
+            med, lo, hi = ratio_stats(times["width 1"], ts)
+            flops = model.flops_per_token(w, seq_len=seq) / model.flops_per_token(1.0, seq_len=seq)
+            print(f"{mname:<28} {name:>18} {statistics.median(tps):10.1f} {min(tps):8.1f}..{max(tps):7.1f} "
+                  f"{med:11.3f} {lo:6.3f}..{hi:5.3f} {flops:12.3f}")
+            rows.append(dict(part="decode", point=f"{mname} {name}", tokens_per_s=statistics.median(tps),
                              spread=[min(tps), max(tps)], speedup_vs_width_1=med, speedup_spread=[lo, hi],
                              flops_ratio=flops, times_s=ts))
         del model
