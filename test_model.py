@@ -376,18 +376,16 @@ def window_lengths(prompt, steps, block):
 
 @pytest.mark.parametrize("prompt", [3, 20])
 def test_generate_reads_a_window_that_restarts_from_its_last_half(prompt):
-    # each step's forward reads (trace: its stats, widths (B, T, k)): without the cache the whole window; with it
-    # the window when the cache is (re)filled, else one token
+    # what each step's forward reads (trace: its stats, widths (B, T, k)): without the cache the whole window
+    # every step; with it the window where the cache is (re)filled (the first step, each restart), else one token
     model = tiny(block_size=16).eval()
-    expected = window_lengths(prompt, 40, 16)
-    assert expected[:3] == ([3, 4, 5] if prompt == 3 else [16, 8, 9]) and min(expected) == min(prompt, 8)
-    for use_cache in (False, True):
+    whole = window_lengths(prompt, 40, 16)
+    assert whole[:3] == ([3, 4, 5] if prompt == 3 else [16, 8, 9]) and min(whole) == min(prompt, 8)
+    cached = [n if s == 0 or n < whole[s - 1] else 1 for s, n in enumerate(whole)]   # a refill: the window
+    for use_cache, expected in ((False, whole), (True, cached)):
         trace = []
         model.generate(tokens(B=1, T=prompt), 40, use_cache=use_cache, trace=trace)
-        read = [stats["widths"][0].size(1) for stats in trace]
-        if use_cache:   # a refill at the first step and wherever the window restarted
-            expected = [n if s == 0 or n < m else 1 for s, (m, n) in enumerate(zip([0] + expected, expected))]
-        assert read == expected
+        assert [stats["widths"][0].size(1) for stats in trace] == expected
 
 
 def decode(model, prompt, use_cache, fast, **kw):
