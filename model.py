@@ -313,16 +313,18 @@ class MoSELayer(nn.Module):
 
     def forward(self, x, width=1.0, k=2, k_pool=None, top_p=None):
         B, T, C = x.shape
+        x = x.reshape(B * T, C)                                            # (N, C)
         if self.use_fast and not torch.is_grad_enabled() and B * T * k <= self.router.n_exp:
             # a handful of pairs without autograd: what decoding a token with the KV cache looks like
-            return fast.decode_moe(self, x, width, k, top_p)
-        x = x.reshape(B * T, C)                                            # (N, C)
-        r, widths, h = self.route(x, width, k, k_pool, top_p)
-        # a policy's widths carry a gradient only while its parameter is being fitted (dials.fit_ttt's gamma):
-        # then every pair runs at full width and a differentiable prefix mask slims it
-        soft_mask = prefix_mask(widths, h, self.experts.hidden) if widths is not None and widths.requires_grad \
-            else None                                                      # (N, k, H)
-        y = self.dispatch(x, r.expert_idx, r.gates, h, soft_mask=soft_mask)   # (N, C)
+            r, _, h = self.route(x, width, k, top_p=top_p)
+            y = fast.decode_moe(self.experts, x, r.expert_idx, r.gates, h)   # (N, C)
+        else:
+            r, widths, h = self.route(x, width, k, k_pool, top_p)
+            # a policy's widths carry a gradient only while its parameter is being fitted (dials.fit_ttt's
+            # gamma): then every pair runs at full width and a differentiable prefix mask slims it
+            soft_mask = prefix_mask(widths, h, self.experts.hidden) if widths is not None and widths.requires_grad \
+                else None                                                  # (N, k, H)
+            y = self.dispatch(x, r.expert_idx, r.gates, h, soft_mask=soft_mask)   # (N, C)
         spent = pair_flops(C, h.sum(dim=1).float())                        # (N,) expert FLOPs of each token
         return MoEOutput(self.dropout(y).view(B, T, C), r, h, spent)
 
