@@ -127,35 +127,3 @@ def setup_device(device="auto", dtype="auto"):
     ctx = contextlib.nullcontext() if dtype == "float32" else \
         torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
     return device, device_type, dtype, ctx
-
-
-def calibration_batches(split_dir, block_size, n_batches, batch_size, seed=1337, device="cpu", vocab_size=None,
-                        holdout_tokens=0):
-    """The calibration text that sample.py and bench_flops.py fit width policies on (a budget's Gamma, the
-    gamma of ttt and search, the allocator's widths): n_batches of batch_size random windows from the
-    *training* split (less train.py's held-out tail), drawn with a fixed seed, so a fit is the same every run
-    and never sees the text that results are reported on. Returns [(x, y)], each (batch_size, block_size)
-    int64 on device. Raises ValueError with a one-line message."""
-    import os
-    import numpy as np
-    import torch
-    path = os.path.join(split_dir, "train.bin")
-    if not os.path.exists(path):
-        raise ValueError(f"fitting a policy needs calibration text from the training split: no {path} "
-                         f"(set --data_dir and --dataset)")
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    data = data[:-holdout_tokens] if holdout_tokens else data
-    if len(data) <= block_size:
-        raise ValueError(f"{path} has {len(data)} tokens: too few for a calibration window of block_size "
-                         f"{block_size} + 1")
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n_batches):
-        ix = torch.randint(len(data) - block_size, (batch_size,), generator=gen).tolist()
-        xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))  # (B, T + 1)
-        if vocab_size is not None and xy.max() >= vocab_size:   # e.g. GPT-2 tokens fed to a char model
-            raise ValueError(f"{path} has token ids up to {int(xy.max())}, beyond the model's vocabulary "
-                             f"({vocab_size}): is it the dataset the model was trained on?")
-        xy = xy.to(device)
-        batches.append((xy[:, :-1].contiguous(), xy[:, 1:].contiguous()))
-    return batches
