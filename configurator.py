@@ -10,10 +10,13 @@ default (an int is accepted for a float, "1.0,0.5" or a single number for a tupl
 type stops the script with one line that says what to fix.
 
 setup_device() turns the two system keys every script shares, device and dtype, into a checked device and
-the autocast context to run the model under.
+the autocast context to run the model under. Two more sharp edges of train.py's, each ending in one line rather
+than a traceback: report_lost_rank (a DDP rank that died) and stop_non_finite (a step whose loss or gradients are
+not finite, with first_non_finite: where the inf or NaN is born).
 """
 
 import ast
+import os
 import sys
 
 
@@ -127,3 +130,77 @@ def setup_device(device="auto", dtype="auto"):
     ctx = contextlib.nullcontext() if dtype == "float32" else \
         torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
     return device, device_type, dtype, ctx
+
+
+# peak dense bf16/fp16 tensor FLOP/s by GPU name, for train.py's MFU
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+              "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def gpu_peak_flops(device):
+    """The peak FLOP/s of a cuda device from PEAK_FLOPS; None elsewhere, or for a GPU the table does not know."""
+    import torch
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def report_lost_rank(rank, default=sys.excepthook):
+    """An excepthook for DDP rank `rank` (sys.excepthook = report_lost_rank(rank)). When a rank dies, the others
+    fail in their next collective: one line saying so rather than a traceback from inside the backend. The rank
+    that died prints its own error (torchrun: 'Root Cause'); any other error goes to the default hook."""
+    import torch
+
+    def hook(kind, error, tb):
+        if not (isinstance(error, torch.distributed.DistError) or
+                (isinstance(error, RuntimeError) and any(s in str(error) for s in ("gloo", "NCCL", "Connection")))):
+            return default(kind, error, tb)
+        why = str(error).splitlines()[0]
+        why = why.split("] ", 1)[-1] if why.startswith("[") else why   # drop the backend's source location
+        prog = sys.argv[0].split("/")[-1] or "script"
+        print(f"{prog}: rank {rank} stopped: another rank left the job ({why.split('. ')[0][:120]}); its own "
+              f"error, printed by that rank, says why", file=sys.stderr)
+    return hook
+
+
+def first_non_finite(model, passes):
+    """Where an inf or NaN is born, for a one-line stop: runs `passes` (a generator that runs one forward pass
+    of model, then yields its label) with a hook on every module, and returns (module name, module type, label)
+    for the first module, in the order modules finish, whose output holds a non-finite value while its inputs
+    do not; None if every output is finite. Found where it is born even when that is outside any submodule's
+    call: a Dropout after it would otherwise be blamed."""
+    import torch
+    first = []
+    finite = lambda ts: all(torch.isfinite(t).all() for t in (ts if isinstance(ts, (tuple, list)) else (ts,))
+                            if torch.is_tensor(t) and t.is_floating_point())
+
+    def check(module, args, output):
+        if not first and finite(args) and not finite(output):
+            first.append(module)
+    hooks = [m.register_forward_hook(check) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            for label in passes:
+                if first:
+                    names = {m: name or type(model).__name__ for name, m in model.named_modules()}
+                    return names[first[0]], type(first[0]).__name__, label
+    finally:
+        for h in hooks:
+            h.remove()
+    return None
+
+
+def stop_non_finite(model, passes, step, loss, grad_norm, widths, k, ckpt_path):
+    """Fail with one line for a training step whose loss or gradients are not finite, stopped before its update:
+    the step, its dials and where the inf or NaN is born (first_non_finite on the step's passes once more)."""
+    found = first_non_finite(model, passes)
+    rounded = lambda v: [rounded(x) for x in v] if isinstance(v, (list, tuple)) else \
+        round(v, 4) if isinstance(v, float) else v   # a width is a float, a list or a policy
+    where = (f"first non-finite output (from finite inputs) in {found[0]} ({found[1]}) at width {rounded(found[2])}"
+             if found else f"every forward output is finite, the gradients are not (grad norm {grad_norm})")
+    kept = f"{ckpt_path} (the last good checkpoint) is untouched" if os.path.exists(ckpt_path) else \
+        "no checkpoint was saved"
+    fail(f"non-finite training step {step} (loss {loss}, grad norm {grad_norm}), widths {rounded(widths)}, k {k}: "
+         f"{where}; stopped before the update, {kept}. Lower --learning_rate, raise --warmup_iters or use "
+         f"--dtype=float32")

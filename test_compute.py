@@ -1,6 +1,6 @@
 """Tests of training compute (issue: MoSE at equal training compute): the FLOPs train.py counts, a run given
 a compute budget instead of a step count, the single-pass recipes (random_step, random_pair) and the held-out
-training text that recipes are chosen on."""
+training text that recipes are chosen on. The draws of the recipes themselves: test_recipes.py."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from model import GPT, GPTConfig, RandomWidth
+from model import GPT, GPTConfig
 from test_train import TINY, log_rows, train
 
 # TINY's model as train.py builds it on shakespeare_char (65 characters)
@@ -20,62 +20,6 @@ TOKENS_PER_STEP = 4 * 32   # batch_size x block_size
 def moe_step_flops():
     """Forward + backward FLOPs of one full-width step of TINY's model, from the model's own FLOPs count."""
     return 3 * GPT(GPTConfig(**TINY_CONFIG)).flops_per_token() * TOKENS_PER_STEP
-
-
-# --- the RandomWidth training policy ---------------------------------------------------------------------
-
-def test_random_width_samples_full_width_with_p_full_else_the_grid():
-    gates = torch.full((20000, 2), 0.5)
-    w = RandomWidth(p_full=0.5, w_min=0.25, grid=0.25, generator=torch.Generator().manual_seed(0))(gates, 0)
-    assert w.shape == gates.shape
-    assert set(w.unique().tolist()) == {0.25, 0.5, 0.75, 1.0}
-    # P(full) = p_full + (1 - p_full) * P(U[0.25, 1] snaps to 1.0) = 0.5 + 0.5 / 6; the rest: 1/6, 1/3, 1/3
-    assert abs((w == 1.0).float().mean().item() - (0.5 + 0.5 / 6)) < 0.01
-    assert abs((w == 0.25).float().mean().item() - 0.5 / 6) < 0.01
-    assert abs((w == 0.5).float().mean().item() - 0.5 / 3) < 0.01
-    # mean width 0.5 * 1 + 0.5 * 0.625: such a pass spends 0.8125 of the full-width expert FLOPs
-    assert abs(w.mean().item() - 0.8125) < 0.005
-
-
-@pytest.mark.parametrize("p_full,w_min,grid", [(0.25, 0.25, 0.25), (0.5, 0.3, 0.25), (0.0, 0.25, 0.05), (0.1, 1.0, 0.25)])
-def test_random_width_mix_is_what_it_draws(p_full, w_min, grid):
-    # the stated mix (RandomWidth.mix, printed by train.py) against 200,000 draws; the shipped recipe's defaults
-    # draw 1 / 0.75 / 0.5 / 0.25 with 37.5 / 25 / 25 / 12.5 %: snapping halves the end points' share
-    policy = RandomWidth(p_full, w_min, grid, torch.Generator().manual_seed(0))
-    mix = policy.mix()
-    assert math.isclose(sum(mix.values()), 1.0)
-    w = policy(torch.zeros(100000, 2), 0)
-    drawn = {round(v, 6): (w == v).float().mean().item() for v in w.unique().tolist()}
-    assert set(drawn) == {round(v, 6) for v in mix}
-    assert all(abs(drawn[round(v, 6)] - p) < 0.005 for v, p in mix.items())
-    if (p_full, w_min, grid) == (0.25, 0.25, 0.25):
-        assert mix == {1.0: 0.375, 0.75: 0.25, 0.5: 0.25, 0.25: 0.125}
-        assert RandomWidth().mix() == mix                     # RandomWidth's defaults are the shipped recipe's
-
-
-def test_random_width_is_continuous_without_a_grid_and_reproducible():
-    gates = torch.full((5000, 2), 0.5)
-    a = RandomWidth(0.0, 0.3, 0.0, torch.Generator().manual_seed(3))(gates, 0)
-    b = RandomWidth(0.0, 0.3, 0.0, torch.Generator().manual_seed(3))(gates, 0)
-    assert torch.equal(a, b)                                  # the generator's state is the whole story
-    assert a.min() >= 0.3 and a.max() <= 1.0 and a.unique().numel() > 4000
-    assert RandomWidth(1.0, 0.3, 0.0, torch.Generator())(gates, 0).eq(1.0).all()
-    assert RandomWidth(0.0, 0.3, 0.0).mix() is None
-    with pytest.raises(ValueError, match="w_min must be in"):
-        RandomWidth(0.5, 0.0)
-
-
-def test_random_width_forward_spends_what_its_widths_say():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**TINY_CONFIG, moe_stride=1))
-    x = torch.randint(0, 65, (3, 32), generator=torch.Generator().manual_seed(1))
-    policy = RandomWidth(0.5, 0.25, 0.25, torch.Generator().manual_seed(5))
-    out = model(x, x, width=policy)
-    # replay the same draws: both MoE layers, in order, one (N, k) draw each
-    replay = RandomWidth(0.5, 0.25, 0.25, torch.Generator().manual_seed(5))
-    units = sum(64 * replay(torch.zeros(96, 2), i) for i in range(2))            # (N, k) hidden units summed
-    assert math.isclose(out.stats["expert_flops"].item(), (4 * 32 * units.sum(dim=1)).mean().item(), rel_tol=1e-6)
-    assert out.stats["expert_flops"] < model.flops_breakdown()["experts"]
 
 
 # --- train.py: compute counted, compute budgets ----------------------------------------------------------
