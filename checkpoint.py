@@ -71,8 +71,9 @@ def load_checkpoint(path, device="cpu"):
 
 
 def load_meta(split_dir):
-    """The dataset's meta.pkl as prepare_data.py wrote it (the tokenizer), or GPT-2's tokenizer where there is
-    none. Raises ValueError (one line) for a truncated or foreign file."""
+    """The dataset's meta.pkl as prepare_data.py wrote it (the tokenizer; for Gutenberg also train_authors, train.bin's
+    authors in order with their token counts), or GPT-2's tokenizer where there is none. Raises ValueError (one
+    line) for a truncated or foreign file."""
     path = os.path.join(split_dir, "meta.pkl")
     if not os.path.exists(path):
         return {"tokenizer": "gpt2", "vocab_size": 50257}
@@ -83,6 +84,21 @@ def load_meta(split_dir):
         raise ValueError(f"{path} is not a meta.pkl of prepare_data.py ({type(e).__name__}): run `python "
                          f"prepare_data.py {os.path.basename(split_dir)}` again") from None
     return meta
+
+
+def held_out_authors(meta, n, train_path):
+    """(tokens, names) of the last n authors of train.bin (train_path), from meta's train_authors. Raises
+    ValueError (one line) where meta lists none that add up to train.bin, or n leaves no author to train on."""
+    authors = meta.get("train_authors") or []
+    if not os.path.exists(train_path):
+        raise ValueError(f"no {train_path}: prepare the data first (prepare_data.py)")
+    if sum(count for _, count in authors) != os.path.getsize(train_path) // 2:   # 2 bytes a token
+        raise ValueError(f"holdout_authors needs the authors of {train_path}, and its meta.pkl lists none that add up "
+                         f"to it (prepare_data.py gutenberg_char / gutenberg records them): prepare the data again, "
+                         f"or use holdout_tokens")
+    if n >= len(authors):
+        raise ValueError(f"holdout_authors must leave an author to train on: train.bin has {len(authors)}, got {n}")
+    return sum(count for _, count in authors[-n:]), [a for a, _ in authors[-n:]]
 
 
 def check_tokenizer(meta, split_dir):

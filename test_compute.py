@@ -5,6 +5,8 @@ training text that recipes are chosen on. The draws of the recipes themselves: t
 import json
 import math
 import os
+import pickle
+import shutil
 
 import pytest
 import torch
@@ -119,6 +121,57 @@ def test_holdout_is_evaluated_and_bad_values_are_one_line(char_data, tmp_path):
         p = train(char_data, tmp_path / "bad", bad, ok=False)
         assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert message in p.stderr, p.stderr
+
+
+def authors_data(char_data, tmp_path, tail):
+    """A data_dir with shakespeare_char as prepared (no authors), and 'books': the same text, but its meta.pkl
+    lists made-up authors of train.bin, the last ones with `tail` tokens, as prepare_data.py gutenberg_char lists
+    the real ones."""
+    src, dst = os.path.join(char_data, "shakespeare_char"), tmp_path / "data" / "books"
+    shutil.copytree(src, tmp_path / "data" / "shakespeare_char")
+    shutil.copytree(src, dst)
+    meta = pickle.load(open(os.path.join(src, "meta.pkl"), "rb"))
+    n = os.path.getsize(dst / "train.bin") // 2
+    meta["train_authors"] = [("A", n - sum(tail))] + [(chr(ord("B") + i), t) for i, t in enumerate(tail)]
+    pickle.dump(meta, open(dst / "meta.pkl", "wb"))
+    return str(tmp_path / "data")
+
+
+def test_holdout_authors_holds_out_their_tokens(char_data, tmp_path):
+    # the last 2 authors are the last 1,000 + 2,000 tokens: the run is the one with --holdout_tokens=3000, bit for bit
+    data = authors_data(char_data, tmp_path, [1000, 2000])
+    common = ["--dataset=books", "--max_iters=3", "--eval_interval=3"]
+    p = train(data, tmp_path / "authors", *common, "--holdout_authors=2")
+    assert "holding out the last 2 authors of train.bin (B; C): 3,000 tokens" in p.stdout
+    train(data, tmp_path / "tokens", *common, "--holdout_tokens=3000")
+    assert log_rows(tmp_path / "authors") == log_rows(tmp_path / "tokens")
+    assert "holdout/w=1" in log_rows(tmp_path / "authors")[-1]
+    ckpt = torch.load(tmp_path / "authors" / "ckpt.pt", weights_only=True)   # what sample.py and bench_flops.py read
+    assert ckpt["config"]["holdout_tokens"] == 3000 and ckpt["config"]["holdout_authors"] == 2
+    for dataset, bad, message in [
+            ("books", "--holdout_authors=3", "must leave an author to train on: train.bin has 3, got 3"),
+            ("books", "--holdout_tokens=100", "holdout_tokens and holdout_authors both hold out the tail of train.bin"),
+            ("shakespeare_char", "--holdout_authors=1", "meta.pkl lists none that add up to it")]:   # no authors
+        p = train(data, tmp_path / "bad", f"--dataset={dataset}", "--holdout_authors=1", bad, ok=False)
+        assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert message in p.stderr, p.stderr
+
+
+def test_the_gutenberg_configs_holdout_is_the_shared_copys_last_3_authors(shared_data, tmp_path):
+    # config/train_gutenberg_mose.py's holdout_authors = 3, on the shared 468-book copy, holds out the 3,416,395
+    # tokens its holdout_tokens held out before (Zola, Hardy, Homer)
+    import subprocess
+    import sys
+    if not (shared_data / "gutenberg").is_dir():
+        pytest.skip(f"no gutenberg/ under NANOMOSE_DATA={shared_data}")
+    p = subprocess.run([sys.executable, "prepare_data.py", "gutenberg_char", f"--input={shared_data / 'gutenberg'}",
+                        f"--out_dir={tmp_path}"], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = train(str(tmp_path), tmp_path / "out", "config/train_gutenberg_mose.py", *TINY, f"--out_dir={tmp_path / 'out'}",
+              "--eval_only=True")
+    assert "holding out the last 3 authors of train.bin (Zola, Emile; Hardy, Thomas; Homer): 3,416,395 tokens" \
+        in p.stdout, p.stdout[-2000:]
 
 
 # --- bench_flops.py: training compute beside the rows, recipes scored on held-out training text -----------

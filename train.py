@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from configurator import check_ranges, configure, fail, gpu_peak_flops, report_lost_rank, setup_device, stop_non_finite
-from checkpoint import (ARCHITECTURE, check_tokenizer, load_checkpoint, load_meta, open_log, require_same,
-                        save_checkpoint, upcycle)
+from checkpoint import (ARCHITECTURE, check_tokenizer, held_out_authors, load_checkpoint, load_meta, open_log,
+                        require_same, save_checkpoint, upcycle)
 from model import GPT, GPTConfig, MoSELayer, check_width
 from recipes import RandomWidth, Recipe, describe, distill_loss, k_of, sample_k, sample_widths, width_of
 
@@ -47,6 +47,7 @@ data_dir = "data"               # prepare_data.py writes <data_dir>/<dataset>/{t
 dataset = "shakespeare_char"
 holdout_tokens = 0              # > 0: the last holdout_tokens of train.bin are never trained on; evaluation
                                 # reports them as the 'holdout' split (choose recipes on it, not on val)
+holdout_authors = 0             # > 0: the last holdout_authors authors of train.bin instead (Gutenberg's meta.pkl)
 gradient_accumulation_steps = 1
 batch_size = 32
 block_size = 128
@@ -117,8 +118,8 @@ check_ranges(config, {   # (the recipe's keys are checked by Recipe, below)
                                 "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval",
                                 "eval_iters")},
     **{k: at_least(0) for k in ("n_exp", "expert_hidden", "max_iters", "max_train_flops", "holdout_tokens",
-                                "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
-                                "aux_loss_weight", "z_loss_weight", "hr_loss_weight", "seed")},
+                                "holdout_authors", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay",
+                                "grad_clip", "aux_loss_weight", "z_loss_weight", "hr_loss_weight", "seed")},
     "learning_rate": (lambda v: v > 0, "> 0"), "dropout": below_one, "beta1": below_one, "beta2": below_one,
 })
 if "max_iters" in command_line and max_train_flops:   # nanoGPT's habit, --max_iters=40 for a quick run, wins
@@ -127,6 +128,8 @@ if "max_iters" in command_line and max_train_flops:   # nanoGPT's habit, --max_i
     print(f"--max_iters={max_iters} on the command line wins: the config's compute budget (max_train_flops="
           f"{max_train_flops:g}) is not used")
     max_train_flops = 0.0
+if holdout_tokens and holdout_authors:
+    fail("holdout_tokens and holdout_authors both hold out the tail of train.bin: give one of them")
 lr_decay_iters = lr_decay_iters or max_iters
 try:
     for w in eval_widths:
@@ -177,7 +180,13 @@ torch.backends.cudnn.allow_tf32 = True
 # the data position: it goes into the checkpoint, and resuming continues the same stream.
 split_dir = os.path.join(data_dir, dataset)
 try:
-    meta = load_meta(split_dir)   # the tokenizer
+    meta = load_meta(split_dir)   # the tokenizer, and for Gutenberg train.bin's authors
+    if holdout_authors:   # the last authors of train.bin, by the token counts prepare_data.py recorded
+        holdout_tokens, names = held_out_authors(meta, holdout_authors, os.path.join(split_dir, "train.bin"))
+        config["holdout_tokens"] = holdout_tokens   # in the checkpoint: sample.py and bench_flops.py hold it out too
+        if master_process:
+            print(f"holding out the last {holdout_authors} authors of train.bin ({'; '.join(names)}): "
+                  f"{holdout_tokens:,} tokens")
 except ValueError as e:
     fail(str(e))
 for split in ("train", "val"):
