@@ -150,6 +150,10 @@ if n_exp == 0:   # a dense GPT has no dials to evaluate
 ddp = int(os.environ.get("RANK", -1)) != -1
 device, device_type, dtype, ctx = setup_device(device, dtype)
 if ddp:
+    # torch.distributed.nn takes the default group as its functions' default argument at import (DDP imports it):
+    # imported later it would keep the group past destroy_process_group, and gloo's threads, alive into the
+    # interpreter's teardown, can abort the process there ("terminate called ..."). Imported now, it holds None.
+    import torch.distributed.nn
     from torch.distributed import barrier, destroy_process_group, init_process_group
     from torch.nn.parallel import DistributedDataParallel as DDP
     init_process_group(backend=("nccl" if device.startswith("cuda") else "gloo") if backend == "auto" else backend)
@@ -490,7 +494,6 @@ if master_process and iter_num > 0:
               f"{raw_model.flops_per_token(w if n_exp else 1.0, k) / 1e6:11.3f}M")
 if ddp:   # wait for rank 0 to finish its last checkpoint: a rank that tears down first can abort the job
     barrier()
-    # DDP holds the process group: release it first, so gloo's threads end now, not while the interpreter
-    # is being torn down (where they abort the process: "terminate called without an active exception")
+    # the DDP wrapper holds the process group too: freed first, destroy_process_group ends gloo's threads here
     del model
     destroy_process_group()
