@@ -3,6 +3,9 @@ Checkpoints and tokenizers, shared by train.py, sample.py and bench_flops.py: a 
 atomically (a crash never leaves a half-written file in place of the last good one) and read back with one
 clear line when it is missing, truncated or not ours; the tokenizer travels inside it (meta.pkl's contents).
 
+load_meta reads a dataset's meta.pkl (the tokenizer; for Gutenberg also train.bin's authors, which
+held_out_authors turns into train.py's held-out tail), and open_log continues log.jsonl from a checkpoint.
+
 Upcycling lives here too (train.py --init_from=upcycle:DIR): it is one more way to read a checkpoint into a
 model, a trained dense or MoE one into the configured MoSE, and it needs load_checkpoint, check_tokenizer and
 require_same, all of this file; train.py only chooses it.
