@@ -292,10 +292,14 @@ def test_gutenberg_gpt2_has_the_same_split(shared_data, books, gutenberg_char, t
     p = prepare("gutenberg", f"--input={books}", f"--out_dir={tmp_path}")
     assert p.returncode == 0, p.stderr
     train, val, meta = load(tmp_path, "gutenberg")
+    authors = meta.pop("train_authors")
     assert meta == {"tokenizer": "gpt2", "vocab_size": 50257}
     enc = tiktoken.get_encoding("gpt2")
     assert (train == enc.eot_token).sum() == 9 and (val == enc.eot_token).sum() == 2   # one per book kept
     _, char_val, char_meta = decoded(gutenberg_char[0], "gutenberg_char")   # the same books, the same text
+    # the same authors in the same order, their counts in GPT-2 tokens
+    assert [a for a, _ in authors] == [a for a, _ in char_meta["train_authors"]]
+    assert sum(n for _, n in authors) == len(train)
     text = enc.decode(val.tolist()).replace("<|endoftext|>", "\n\n\n")
     assert "".join(c if c in char_meta["stoi"] else "\ufffd" for c in text) == char_val
 
