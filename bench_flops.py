@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import calibration_batches, check_ranges, configure, fail, setup_device
+from configurator import check_ranges, configure, fail, setup_device
 from checkpoint import check_tokenizer, load_checkpoint
-from dials import allocate_budget, make_policy
+from dials import allocate_budget, calibration_batches, make_policy
 from model import check_width
 from prepare_data import gpt2_encoding
 

@@ -38,7 +38,8 @@ import time
 import torch
 
 from configurator import check_ranges, configure, fail, setup_device
-from model import GPT, ConfidenceWidth, GPTConfig, MoSELayer, RandomWidth
+from model import GPT, ConfidenceWidth, GPTConfig, MoSELayer
+from recipes import RandomWidth
 
 # -----------------------------------------------------------------------------
 parts = ("layer", "model", "train", "decode", "fast")

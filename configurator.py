@@ -11,10 +11,13 @@ literals (falling back to a string) and must have the type of the default (an in
 says what to fix.
 
 setup_device() turns the two system keys every script shares, device and dtype, into a checked device and
-the autocast context to run the model under.
+the autocast context to run the model under. Two more sharp edges of train.py's, each ending in one line rather
+than a traceback: report_lost_rank (a DDP rank that died) and stop_non_finite (a step whose loss or gradients are
+not finite, with first_non_finite: where the inf or NaN is born).
 """
 
 import ast
+import os
 import sys
 
 
@@ -132,33 +135,75 @@ def setup_device(device="auto", dtype="auto"):
     return device, device_type, dtype, ctx
 
 
-def calibration_batches(split_dir, block_size, n_batches, batch_size, seed=1337, device="cpu", vocab_size=None,
-                        holdout_tokens=0):
-    """The calibration text that sample.py and bench_flops.py fit width policies on (a budget's Gamma, the
-    gamma of ttt and search, the allocator's widths): n_batches of batch_size random windows from the
-    *training* split (less train.py's held-out tail), drawn with a fixed seed, so a fit is the same every run
-    and never sees the text that results are reported on. Returns [(x, y)], each (batch_size, block_size)
-    int64 on device. Raises ValueError with a one-line message."""
-    import os
-    import numpy as np
+# peak dense bf16/fp16 tensor FLOP/s by GPU name, for train.py's MFU
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+              "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def gpu_peak_flops(device):
+    """The peak FLOP/s of a cuda device from PEAK_FLOPS; None elsewhere, or for a GPU the table does not know."""
     import torch
-    path = os.path.join(split_dir, "train.bin")
-    if not os.path.exists(path):
-        raise ValueError(f"fitting a policy needs calibration text from the training split: no {path} "
-                         f"(set --data_dir and --dataset)")
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    data = data[:-holdout_tokens] if holdout_tokens else data
-    if len(data) <= block_size:
-        raise ValueError(f"{path} has {len(data)} tokens: too few for a calibration window of block_size "
-                         f"{block_size} + 1")
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n_batches):
-        ix = torch.randint(len(data) - block_size, (batch_size,), generator=gen).tolist()
-        xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))  # (B, T + 1)
-        if vocab_size is not None and xy.max() >= vocab_size:   # e.g. GPT-2 tokens fed to a char model
-            raise ValueError(f"{path} has token ids up to {int(xy.max())}, beyond the model's vocabulary "
-                             f"({vocab_size}): is it the dataset the model was trained on?")
-        xy = xy.to(device)
-        batches.append((xy[:, :-1].contiguous(), xy[:, 1:].contiguous()))
-    return batches
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def report_lost_rank(rank, default=sys.excepthook):
+    """An excepthook for DDP rank `rank` (sys.excepthook = report_lost_rank(rank)). When a rank dies, the others
+    fail in their next collective: one line saying so rather than a traceback from inside the backend. The rank
+    that died prints its own error (torchrun: 'Root Cause'); any other error goes to the default hook."""
+    import torch
+
+    def hook(kind, error, tb):
+        if not (isinstance(error, torch.distributed.DistError) or
+                (isinstance(error, RuntimeError) and any(s in str(error) for s in ("gloo", "NCCL", "Connection")))):
+            return default(kind, error, tb)
+        why = str(error).splitlines()[0]
+        why = why.split("] ", 1)[-1] if why.startswith("[") else why   # drop the backend's source location
+        prog = sys.argv[0].split("/")[-1] or "script"
+        print(f"{prog}: rank {rank} stopped: another rank left the job ({why.split('. ')[0][:120]}); its own "
+              f"error, printed by that rank, says why", file=sys.stderr)
+    return hook
+
+
+def first_non_finite(model, passes):
+    """Where an inf or NaN is born, for a one-line stop: runs `passes` (a generator that runs one forward pass
+    of model, then yields its label) with a hook on every module, and returns (module name, module type, label)
+    for the first module, in the order modules finish, whose output holds a non-finite value while its inputs
+    do not; None if every output is finite. Found where it is born even when that is outside any submodule's
+    call: a Dropout after it would otherwise be blamed."""
+    import torch
+    first = []
+    finite = lambda ts: all(torch.isfinite(t).all() for t in (ts if isinstance(ts, (tuple, list)) else (ts,))
+                            if torch.is_tensor(t) and t.is_floating_point())
+
+    def check(module, args, output):
+        if not first and finite(args) and not finite(output):
+            first.append(module)
+    hooks = [m.register_forward_hook(check) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            for label in passes:
+                if first:
+                    names = {m: name or type(model).__name__ for name, m in model.named_modules()}
+                    return names[first[0]], type(first[0]).__name__, label
+    finally:
+        for h in hooks:
+            h.remove()
+    return None
+
+
+def stop_non_finite(model, passes, step, loss, grad_norm, widths, k, ckpt_path):
+    """Fail with one line for a training step whose loss or gradients are not finite, stopped before its update:
+    the step, its dials and where the inf or NaN is born (first_non_finite on the step's passes once more)."""
+    found = first_non_finite(model, passes)
+    rounded = lambda v: [rounded(x) for x in v] if isinstance(v, (list, tuple)) else \
+        round(v, 4) if isinstance(v, float) else v   # a width is a float, a list or a policy
+    where = (f"first non-finite output (from finite inputs) in {found[0]} ({found[1]}) at width {rounded(found[2])}"
+             if found else f"every forward output is finite, the gradients are not (grad norm {grad_norm})")
+    kept = f"{ckpt_path} (the last good checkpoint) is untouched" if os.path.exists(ckpt_path) else \
+        "no checkpoint was saved"
+    fail(f"non-finite training step {step} (loss {loss}, grad norm {grad_norm}), widths {rounded(widths)}, k {k}: "
+         f"{where}; stopped before the update, {kept}. Lower --learning_rate, raise --warmup_iters or use "
+         f"--dtype=float32")

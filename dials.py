@@ -2,8 +2,8 @@
 The compute dials fitted to a FLOPs budget: what sample.py and bench_flops.py call to turn "spend 50 % of the
 expert FLOPs" into a width, a width policy or a top-p. model.py holds the policies themselves; this file finds
 their settings. A budget is a fraction of the full-width expert FLOPs at the k_exp used, in (0, 1]; every fit
-meets it on calibration text (windows of the training split, configurator.calibration_batches), never on the
-text results are reported on.
+meets it on calibration text (windows of the training split, calibration_batches below), never on the text
+results are reported on.
 
   fit_budget        bisect the confidence policy's Gamma until the spent FLOPs meet the budget
   fit_ttt           MoSE's test-time training of gamma (SGD through a differentiable prefix mask)
@@ -11,10 +11,13 @@ text results are reported on.
   fit_width_top_p   both dials: a uniform width and the top-p routing mass
   allocate_budget   one width (and optionally k) per MoE layer, greedily
   make_policy       any of the above by name
+  calibration_batches  windows of the training split: the text every fit meets its budget on
 """
 
 import math
+import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -270,3 +273,32 @@ def make_policy(model, policy="uniform", width=1.0, budget=None, gamma=1.0, k_ex
     if policy == "width_top_p":
         return fit_width_top_p(model, batches, budget, k_exp, w_min)
     return fit_ttt(model, batches, budget, k_exp, ttt_lr, per_layer, w_min, grid)
+
+
+def calibration_batches(split_dir, block_size, n_batches, batch_size, seed=1337, device="cpu", vocab_size=None,
+                        holdout_tokens=0):
+    """The calibration text that sample.py and bench_flops.py fit width policies on (a budget's Gamma, the
+    gamma of ttt and search, the allocator's widths): n_batches of batch_size random windows from the
+    *training* split (less train.py's held-out tail), drawn with a fixed seed, so a fit is the same every run
+    and never sees the text that results are reported on. Returns [(x, y)], each (batch_size, block_size)
+    int64 on device. Raises ValueError with a one-line message."""
+    path = os.path.join(split_dir, "train.bin")
+    if not os.path.exists(path):
+        raise ValueError(f"fitting a policy needs calibration text from the training split: no {path} "
+                         f"(set --data_dir and --dataset)")
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    data = data[:-holdout_tokens] if holdout_tokens else data
+    if len(data) <= block_size:
+        raise ValueError(f"{path} has {len(data)} tokens: too few for a calibration window of block_size "
+                         f"{block_size} + 1")
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        ix = torch.randint(len(data) - block_size, (batch_size,), generator=gen).tolist()
+        xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))  # (B, T + 1)
+        if vocab_size is not None and xy.max() >= vocab_size:   # e.g. GPT-2 tokens fed to a char model
+            raise ValueError(f"{path} has token ids up to {int(xy.max())}, beyond the model's vocabulary "
+                             f"({vocab_size}): is it the dataset the model was trained on?")
+        xy = xy.to(device)
+        batches.append((xy[:, :-1].contiguous(), xy[:, 1:].contiguous()))
+    return batches

@@ -12,33 +12,28 @@ of a random_pair step (OpenWebText-small, CPU), under the 10 % that would pay fo
 import torch
 import torch.nn.functional as F
 
-import model
-
 
 # -----------------------------------------------------------------------------
 # decoding
 
 
-def decode_moe(layer, x, width, k, top_p=None):
-    """MoSELayer.forward for a few tokens without autograd (N * k <= n_exp): the same routing, widths and
-    arithmetic, each (token, expert) pair on its own row. Returns model.MoEOutput."""
-    B, T, C = x.shape
-    x = x.reshape(B * T, C)                                            # (N, C)
-    r, _, h = layer.route(x, width, k, top_p=top_p)                   # h (N, k): 0 = not run (top-p routing)
-    ex, rows = layer.experts, []
-    for n, (experts, gates, units) in enumerate(zip(r.expert_idx.tolist(), r.gates.tolist(), h.tolist())):
+def decode_moe(experts, x, expert_idx, gates, h):
+    """MoSELayer.dispatch for a few tokens without autograd (N * k <= n_exp), each (token, expert) pair on its
+    own row. experts: the layer's SlimmableExperts; x (N, C); expert_idx, gates, h (N, k): each pair's expert,
+    gate and hidden units (0: not run, top-p routing), as MoSELayer.route gives them. Returns y (N, C).
+    Plain tensors in and out: this file needs nothing from model.py, which imports it."""
+    rows = []
+    for n, (experts_n, gates_n, h_n) in enumerate(zip(expert_idx.tolist(), gates.tolist(), h.tolist())):
         y_n = None
-        for e, gate, u in zip(experts, gates, units):
+        for e, gate, u in zip(experts_n, gates_n, h_n):
             if not u:
                 continue
-            a = x[n:n + 1] @ ex.c_fc[e, :, :u]                         # (1, u): SlimmableExperts' formula
-            if ex.b_fc is not None:                                    # for one row (in place: no autograd)
-                a += ex.b_fc[e, :u]
-            y_e = F.gelu(a) @ ex.c_proj[e, :u, :]                      # (1, C)
-            if ex.b_proj is not None:
-                y_e += ex.b_proj[e]
+            a = x[n:n + 1] @ experts.c_fc[e, :, :u]                    # (1, u): SlimmableExperts' formula
+            if experts.b_fc is not None:                               # for one row (in place: no autograd)
+                a += experts.b_fc[e, :u]
+            y_e = F.gelu(a) @ experts.c_proj[e, :u, :]                 # (1, C)
+            if experts.b_proj is not None:
+                y_e += experts.b_proj[e]
             y_n = y_e.mul_(gate) if y_n is None else y_n.add_(y_e, alpha=gate)
         rows.append(y_n)
-    y = torch.cat(rows) if len(rows) > 1 else rows[0]                  # (N, C)
-    spent = model.pair_flops(C, h.sum(dim=1).float())                  # (N,)
-    return model.MoEOutput(layer.dropout(y).view(B, T, C), r, h, spent)
+    return torch.cat(rows) if len(rows) > 1 else rows[0]              # (N, C)

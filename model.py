@@ -12,11 +12,12 @@ pair read from the router's confidence. Read top to bottom:
   4. hidden_units, pair_flops     h(w), and what one (token, expert) pair costs
      SlimmableExperts             stacked expert weights; a block of rows at one width, every expert at once
   5. MoSELayer                    route -> widths -> sort the pairs by width -> run -> combine (dropless)
-  6. Width policies               router probabilities -> a width per pair: uniform, confidence, random
+  6. Width policies               router probabilities -> a width per pair: uniform, confidence
   7. Block, GPT                   forward with its dials (width, k_exp, top_p), FLOPs, generate
 
-Fitting a policy to a FLOPs budget lives in dials.py; checkpoints and tokenizers in checkpoint.py; decoding a
-token takes fast.py's path (MoSELayer.forward says where), everything else runs the code below.
+Fitting a policy to a FLOPs budget lives in dials.py; how training draws widths and k (with its own, random
+policy) in recipes.py; checkpoints, tokenizers and upcycling in checkpoint.py; decoding a token takes fast.py's
+path (MoSELayer.forward says where), everything else runs the code below.
 
 References: MoSE (Tastan et al., arXiv 2602.06154); Matryoshka MoE (arXiv 2509.26520); Elastic MoE (arXiv
 2509.21892); Switch Transformer (load-balancing loss); ST-MoE (router z-loss); Slimmable Networks (nested
@@ -318,16 +319,18 @@ class MoSELayer(nn.Module):
 
     def forward(self, x, width=1.0, k=2, k_pool=None, top_p=None):
         B, T, C = x.shape
+        x = x.reshape(B * T, C)                                            # (N, C)
         if self.use_fast and not torch.is_grad_enabled() and B * T * k <= self.router.n_exp:
             # a handful of pairs without autograd: what decoding a token with the KV cache looks like
-            return fast.decode_moe(self, x, width, k, top_p)
-        x = x.reshape(B * T, C)                                            # (N, C)
-        r, widths, h = self.route(x, width, k, k_pool, top_p)
-        # a policy's widths carry a gradient only while its parameter is being fitted (dials.fit_ttt's gamma):
-        # then every pair runs at full width and a differentiable prefix mask slims it
-        soft_mask = prefix_mask(widths, h, self.experts.hidden) if widths is not None and widths.requires_grad \
-            else None                                                      # (N, k, H)
-        y = self.dispatch(x, r.expert_idx, r.gates, h, soft_mask=soft_mask)   # (N, C)
+            r, _, h = self.route(x, width, k, top_p=top_p)
+            y = fast.decode_moe(self.experts, x, r.expert_idx, r.gates, h)   # (N, C)
+        else:
+            r, widths, h = self.route(x, width, k, k_pool, top_p)
+            # a policy's widths carry a gradient only while its parameter is being fitted (dials.fit_ttt's
+            # gamma): then every pair runs at full width and a differentiable prefix mask slims it
+            soft_mask = prefix_mask(widths, h, self.experts.hidden) if widths is not None and widths.requires_grad \
+                else None                                                  # (N, k, H)
+            y = self.dispatch(x, r.expert_idx, r.gates, h, soft_mask=soft_mask)   # (N, C)
         spent = pair_flops(C, h.sum(dim=1).float())                        # (N,) expert FLOPs of each token
         return MoEOutput(self.dropout(y).view(B, T, C), r, h, spent)
 
@@ -447,45 +450,6 @@ class ConfidenceWidth(WidthPolicy):
     def __repr__(self):
         g = self.gamma.tolist() if isinstance(self.gamma, torch.Tensor) else self.gamma
         return f"ConfidenceWidth(gamma={g}, Gamma={self.Gamma:.4f}, w_min={self.w_min:g}, grid={self.grid:g})"
-
-
-class RandomWidth(WidthPolicy):
-    """The training policy of the shipped recipe (train.py's width_sampling='random_pair'): every (token,
-    expert) pair draws its own width: the full width with probability p_full, else u ~ U[w_min, 1] snapped to
-    the nearest point of `grid` (0: continuous). One pass then trains many widths at once, at less than the cost
-    of a full-width step, and shows the model the mixed widths the confidence policy uses at inference.
-
-    Snapping a uniform draw gives the grid's two end points half the share of the inner points: with the
-    defaults the widths 1 / 0.75 / 0.5 / 0.25 are drawn 37.5 / 25 / 25 / 12.5 % of the time (`mix` computes
-    it). Draws come from `generator` (a CPU torch.Generator: a resumed run continues the same stream)."""
-
-    def __init__(self, p_full=0.25, w_min=0.25, grid=0.25, generator=None):
-        check_width(w_min, "w_min")
-        self.p_full, self.w_min, self.grid, self.generator = float(p_full), float(w_min), float(grid), generator
-
-    def __call__(self, gates, moe_index):
-        u = torch.rand((2, *gates.shape), generator=self.generator)            # (2, N, k) on the CPU
-        w = self.w_min + (1 - self.w_min) * u[1]
-        if self.grid:
-            w = (torch.round(w / self.grid) * self.grid).clamp(self.w_min, 1.0)
-        return torch.where(u[0] < self.p_full, 1.0, w).to(gates.device)
-
-    def mix(self):
-        """{width: probability} of what __call__ draws on the grid (None without one: the draw is continuous).
-        Below p_full, w is uniform on [w_min, 1] then rounded: each grid point gets its rounding interval's share."""
-        g, lo = self.grid, self.w_min
-        if not g:
-            return None
-        mix = {1.0: self.p_full}
-        for i in range(math.floor(lo / g), math.ceil(1 / g) + 1):   # the grid points whose rounding interval
-            a, b = max(lo, (i - 0.5) * g), min(1.0, (i + 0.5) * g)   # [i g - g/2, i g + g/2] meets [w_min, 1]
-            w = round(min(1.0, max(lo, i * g)), 10)
-            if b > a or lo == 1.0:
-                mix[w] = mix.get(w, 0.0) + (1 - self.p_full) * ((b - a) / (1 - lo) if lo < 1 else 1.0)
-        return {w: p for w, p in sorted(mix.items(), reverse=True) if p > 0}
-
-    def __repr__(self):
-        return f"RandomWidth(p_full={self.p_full:g}, w_min={self.w_min:g}, grid={self.grid:g})"
 
 
 # -----------------------------------------------------------------------------

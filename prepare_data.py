@@ -475,16 +475,19 @@ def prepare_gutenberg(source, tokenizer, out, train_fraction=1.0):
         print(f"--train_fraction={train_fraction:g}: {len(train_ids):,} of the {n_train:,} training tokens")
         write_split(train_ids, train_path)
         n_train = len(train_ids)
+    else:   # train.py's --holdout_authors holds out the last authors of train.bin by these counts (a subset
+        # above mixes every author's blocks: it has no such tail)
+        meta["train_authors"] = list(per_author.items())   # [(author, tokens)] in train.bin's order
     with open(os.path.join(out, "meta.pkl"), "wb") as f:
         pickle.dump(meta, f)
     print(f"[3/3] train {n_train:,} tokens, val {n_val:,} tokens ({tokenizer}) -> {out} ({time.time() - t0:.1f}s)")
-    # train.py's --holdout_tokens holds out the tail of train.bin: these sums hold out whole authors, text by
-    # writers the model never read, as val is
+    # train.py's --holdout_authors=N holds out the last N authors of train.bin: text by writers the model never
+    # read, as val is
     tail = list(per_author.items())[-min(3, len(per_author) - 1):]   # never every author
     if train_fraction == 1 and len(per_author) > 1:
-        print("      train.bin ends with " + ", ".join(f"{a} ({n:,} tokens)" for a, n in tail) + "; --holdout_tokens="
-              + " / ".join(f"{sum(n for _, n in tail[-i:]):,}" for i in range(1, len(tail) + 1))
-              + f" holds out the last {' / '.join(str(i) for i in range(1, len(tail) + 1))} authors")
+        print("      train.bin ends with " + ", ".join(f"{a} ({n:,} tokens)" for a, n in tail) + "; --holdout_authors="
+              + " / ".join(str(i) for i in range(1, len(tail) + 1)) + " holds out the last "
+              + " / ".join(f"{sum(n for _, n in tail[-i:]):,}" for i in range(1, len(tail) + 1)) + " tokens")
 
 
 # -----------------------------------------------------------------------------

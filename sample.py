@@ -39,9 +39,9 @@ import time
 
 import torch
 
-from configurator import calibration_batches, configure, fail, setup_device
+from configurator import configure, fail, setup_device
 from checkpoint import check_tokenizer, load_checkpoint
-from dials import POLICIES, make_policy
+from dials import POLICIES, calibration_batches, make_policy
 from model import check_width
 from prepare_data import gpt2_encoding
 

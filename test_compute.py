@@ -1,15 +1,17 @@
 """Tests of training compute (issue: MoSE at equal training compute): the FLOPs train.py counts, a run given
 a compute budget instead of a step count, the single-pass recipes (random_step, random_pair) and the held-out
-training text that recipes are chosen on."""
+training text that recipes are chosen on. The draws of the recipes themselves: test_recipes.py."""
 
 import json
 import math
 import os
+import pickle
+import shutil
 
 import pytest
 import torch
 
-from model import GPT, GPTConfig, RandomWidth
+from model import GPT, GPTConfig
 from test_train import TINY, log_rows, train
 
 # TINY's model as train.py builds it on shakespeare_char (65 characters)
@@ -20,62 +22,6 @@ TOKENS_PER_STEP = 4 * 32   # batch_size x block_size
 def moe_step_flops():
     """Forward + backward FLOPs of one full-width step of TINY's model, from the model's own FLOPs count."""
     return 3 * GPT(GPTConfig(**TINY_CONFIG)).flops_per_token() * TOKENS_PER_STEP
-
-
-# --- the RandomWidth training policy ---------------------------------------------------------------------
-
-def test_random_width_samples_full_width_with_p_full_else_the_grid():
-    gates = torch.full((20000, 2), 0.5)
-    w = RandomWidth(p_full=0.5, w_min=0.25, grid=0.25, generator=torch.Generator().manual_seed(0))(gates, 0)
-    assert w.shape == gates.shape
-    assert set(w.unique().tolist()) == {0.25, 0.5, 0.75, 1.0}
-    # P(full) = p_full + (1 - p_full) * P(U[0.25, 1] snaps to 1.0) = 0.5 + 0.5 / 6; the rest: 1/6, 1/3, 1/3
-    assert abs((w == 1.0).float().mean().item() - (0.5 + 0.5 / 6)) < 0.01
-    assert abs((w == 0.25).float().mean().item() - 0.5 / 6) < 0.01
-    assert abs((w == 0.5).float().mean().item() - 0.5 / 3) < 0.01
-    # mean width 0.5 * 1 + 0.5 * 0.625: such a pass spends 0.8125 of the full-width expert FLOPs
-    assert abs(w.mean().item() - 0.8125) < 0.005
-
-
-@pytest.mark.parametrize("p_full,w_min,grid", [(0.25, 0.25, 0.25), (0.5, 0.3, 0.25), (0.0, 0.25, 0.05), (0.1, 1.0, 0.25)])
-def test_random_width_mix_is_what_it_draws(p_full, w_min, grid):
-    # the stated mix (RandomWidth.mix, printed by train.py) against 200,000 draws; the shipped recipe's defaults
-    # draw 1 / 0.75 / 0.5 / 0.25 with 37.5 / 25 / 25 / 12.5 %: snapping halves the end points' share
-    policy = RandomWidth(p_full, w_min, grid, torch.Generator().manual_seed(0))
-    mix = policy.mix()
-    assert math.isclose(sum(mix.values()), 1.0)
-    w = policy(torch.zeros(100000, 2), 0)
-    drawn = {round(v, 6): (w == v).float().mean().item() for v in w.unique().tolist()}
-    assert set(drawn) == {round(v, 6) for v in mix}
-    assert all(abs(drawn[round(v, 6)] - p) < 0.005 for v, p in mix.items())
-    if (p_full, w_min, grid) == (0.25, 0.25, 0.25):
-        assert mix == {1.0: 0.375, 0.75: 0.25, 0.5: 0.25, 0.25: 0.125}
-        assert RandomWidth().mix() == mix                     # RandomWidth's defaults are the shipped recipe's
-
-
-def test_random_width_is_continuous_without_a_grid_and_reproducible():
-    gates = torch.full((5000, 2), 0.5)
-    a = RandomWidth(0.0, 0.3, 0.0, torch.Generator().manual_seed(3))(gates, 0)
-    b = RandomWidth(0.0, 0.3, 0.0, torch.Generator().manual_seed(3))(gates, 0)
-    assert torch.equal(a, b)                                  # the generator's state is the whole story
-    assert a.min() >= 0.3 and a.max() <= 1.0 and a.unique().numel() > 4000
-    assert RandomWidth(1.0, 0.3, 0.0, torch.Generator())(gates, 0).eq(1.0).all()
-    assert RandomWidth(0.0, 0.3, 0.0).mix() is None
-    with pytest.raises(ValueError, match="w_min must be in"):
-        RandomWidth(0.5, 0.0)
-
-
-def test_random_width_forward_spends_what_its_widths_say():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**TINY_CONFIG, moe_stride=1))
-    x = torch.randint(0, 65, (3, 32), generator=torch.Generator().manual_seed(1))
-    policy = RandomWidth(0.5, 0.25, 0.25, torch.Generator().manual_seed(5))
-    out = model(x, x, width=policy)
-    # replay the same draws: both MoE layers, in order, one (N, k) draw each
-    replay = RandomWidth(0.5, 0.25, 0.25, torch.Generator().manual_seed(5))
-    units = sum(64 * replay(torch.zeros(96, 2), i) for i in range(2))            # (N, k) hidden units summed
-    assert math.isclose(out.stats["expert_flops"].item(), (4 * 32 * units.sum(dim=1)).mean().item(), rel_tol=1e-6)
-    assert out.stats["expert_flops"] < model.flops_breakdown()["experts"]
 
 
 # --- train.py: compute counted, compute budgets ----------------------------------------------------------
@@ -175,6 +121,57 @@ def test_holdout_is_evaluated_and_bad_values_are_one_line(char_data, tmp_path):
         p = train(char_data, tmp_path / "bad", bad, ok=False)
         assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert message in p.stderr, p.stderr
+
+
+def authors_data(char_data, tmp_path, tail):
+    """A data_dir with shakespeare_char as prepared (no authors), and 'books': the same text, but its meta.pkl
+    lists made-up authors of train.bin, the last ones with `tail` tokens, as prepare_data.py gutenberg_char lists
+    the real ones."""
+    src, dst = os.path.join(char_data, "shakespeare_char"), tmp_path / "data" / "books"
+    shutil.copytree(src, tmp_path / "data" / "shakespeare_char")
+    shutil.copytree(src, dst)
+    meta = pickle.load(open(os.path.join(src, "meta.pkl"), "rb"))
+    n = os.path.getsize(dst / "train.bin") // 2
+    meta["train_authors"] = [("A", n - sum(tail))] + [(chr(ord("B") + i), t) for i, t in enumerate(tail)]
+    pickle.dump(meta, open(dst / "meta.pkl", "wb"))
+    return str(tmp_path / "data")
+
+
+def test_holdout_authors_holds_out_their_tokens(char_data, tmp_path):
+    # the last 2 authors are the last 1,000 + 2,000 tokens: the run is the one with --holdout_tokens=3000, bit for bit
+    data = authors_data(char_data, tmp_path, [1000, 2000])
+    common = ["--dataset=books", "--max_iters=3", "--eval_interval=3"]
+    p = train(data, tmp_path / "authors", *common, "--holdout_authors=2")
+    assert "holding out the last 2 authors of train.bin (B; C): 3,000 tokens" in p.stdout
+    train(data, tmp_path / "tokens", *common, "--holdout_tokens=3000")
+    assert log_rows(tmp_path / "authors") == log_rows(tmp_path / "tokens")
+    assert "holdout/w=1" in log_rows(tmp_path / "authors")[-1]
+    ckpt = torch.load(tmp_path / "authors" / "ckpt.pt", weights_only=True)   # what sample.py and bench_flops.py read
+    assert ckpt["config"]["holdout_tokens"] == 3000 and ckpt["config"]["holdout_authors"] == 2
+    for dataset, bad, message in [
+            ("books", "--holdout_authors=3", "must leave an author to train on: train.bin has 3, got 3"),
+            ("books", "--holdout_tokens=100", "holdout_tokens and holdout_authors both hold out the tail of train.bin"),
+            ("shakespeare_char", "--holdout_authors=1", "meta.pkl lists none that add up to it")]:   # no authors
+        p = train(data, tmp_path / "bad", f"--dataset={dataset}", "--holdout_authors=1", bad, ok=False)
+        assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert message in p.stderr, p.stderr
+
+
+def test_the_gutenberg_configs_holdout_is_the_shared_copys_last_3_authors(shared_data, tmp_path):
+    # config/train_gutenberg_mose.py's holdout_authors = 3, on the shared 468-book copy, holds out the 3,416,395
+    # tokens its holdout_tokens held out before (Zola, Hardy, Homer)
+    import subprocess
+    import sys
+    if not (shared_data / "gutenberg").is_dir():
+        pytest.skip(f"no gutenberg/ under NANOMOSE_DATA={shared_data}")
+    p = subprocess.run([sys.executable, "prepare_data.py", "gutenberg_char", f"--input={shared_data / 'gutenberg'}",
+                        f"--out_dir={tmp_path}"], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = train(str(tmp_path), tmp_path / "out", "config/train_gutenberg_mose.py", *TINY, f"--out_dir={tmp_path / 'out'}",
+              "--eval_only=True")
+    assert "holding out the last 3 authors of train.bin (Zola, Emile; Hardy, Thomas; Homer): 3,416,395 tokens" \
+        in p.stdout, p.stdout[-2000:]
 
 
 # --- bench_flops.py: training compute beside the rows, recipes scored on held-out training text -----------

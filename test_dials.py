@@ -363,7 +363,7 @@ def test_width_top_p_at_k_1_per_layer_k_and_dense():
 
 def test_calibration_text_comes_from_the_training_split(tmp_path):
     import numpy as np
-    from configurator import calibration_batches
+    from dials import calibration_batches
     np.full(1000, 7, dtype=np.uint16).tofile(tmp_path / "train.bin")
     np.full(1000, 9, dtype=np.uint16).tofile(tmp_path / "val.bin")
     a = calibration_batches(str(tmp_path), 16, 3, 2, seed=5)

@@ -242,6 +242,27 @@ def test_gutenberg_char_splits_by_author(books, gutenberg_char):
     assert "dropped 1 exact copies, 1 val books whose title is in train" in stdout
 
 
+def test_gutenberg_records_the_training_authors_in_train_bins_order(books, gutenberg_char, tmp_path):
+    # meta.pkl's train_authors: [(author, tokens)] in the order of train.bin, whose blocks they are (train.py's
+    # --holdout_authors holds out the last ones)
+    out, stdout = gutenberg_char
+    train, _, meta = decoded(out, "gutenberg_char")
+    authors = meta["train_authors"]
+    assert sum(n for _, n in authors) == len(train) and "Jowett, Benjamin" not in dict(authors)   # val's
+    assert [a for a, _ in authors] == sorted(dict(authors), key=lambda a: hashlib.sha256(a.encode()).digest())
+    ends = dict(zip(dict(authors), np.cumsum([n for _, n in authors]).tolist()))
+    for author, titles in REAL_BOOKS.items():   # a character is a token: each book lies in its author's block
+        for t, line in titles.items():
+            if author in ends:
+                assert ends[author] - dict(authors)[author] <= train.index(line) < ends[author], (author, t)
+    tail = [n for _, n in authors[-3:]]
+    assert (f"--holdout_authors=1 / 2 / 3 holds out the last {tail[2]:,} / {tail[1] + tail[2]:,} / {sum(tail):,} "
+            f"tokens") in stdout
+    # a subset (--train_fraction) mixes every author's blocks: it has no authors' tail to hold out
+    assert prepare("gutenberg_char", f"--input={books}", f"--out_dir={tmp_path}", "--train_fraction=0.5").returncode == 0
+    assert "train_authors" not in load(tmp_path, "gutenberg_char")[2]
+
+
 def test_gutenberg_char_replacement_symbol(gutenberg_char):
     out, _ = gutenberg_char
     train, val, meta = decoded(out, "gutenberg_char")
@@ -271,10 +292,14 @@ def test_gutenberg_gpt2_has_the_same_split(shared_data, books, gutenberg_char, t
     p = prepare("gutenberg", f"--input={books}", f"--out_dir={tmp_path}")
     assert p.returncode == 0, p.stderr
     train, val, meta = load(tmp_path, "gutenberg")
+    authors = meta.pop("train_authors")
     assert meta == {"tokenizer": "gpt2", "vocab_size": 50257}
     enc = tiktoken.get_encoding("gpt2")
     assert (train == enc.eot_token).sum() == 9 and (val == enc.eot_token).sum() == 2   # one per book kept
     _, char_val, char_meta = decoded(gutenberg_char[0], "gutenberg_char")   # the same books, the same text
+    # the same authors in the same order, their counts in GPT-2 tokens
+    assert [a for a, _ in authors] == [a for a, _ in char_meta["train_authors"]]
+    assert sum(n for _, n in authors) == len(train)
     text = enc.decode(val.tolist()).replace("<|endoftext|>", "\n\n\n")
     assert "".join(c if c in char_meta["stoi"] else "\ufffd" for c in text) == char_val
 

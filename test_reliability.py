@@ -34,6 +34,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 #   RELIABILITY_ENOSPC=N      the N-th checkpoint write fails half-way with "No space left on device"
 #   RELIABILITY_DIE=RANK:ITER:HOW  DDP rank RANK dies at step ITER, by an exception or by SIGKILL (HOW)
 #   RELIABILITY_DUMP=PATH     after the script, each rank saves its model's weights to PATH.rank<r>
+#   RELIABILITY_THREADS=PATH  after the script, each rank writes the names of its live threads to PATH.rank<r>
+#                             (Linux: /proc/self/task), the ones the interpreter's teardown would meet
 WRAPPER = r'''
 import errno, io, os, runpy, signal, sys, time
 import torch
@@ -79,6 +81,10 @@ if "RELIABILITY_DIE" in os.environ:
 g = runpy.run_path(os.path.join(repo, script), run_name="__main__")
 if "RELIABILITY_DUMP" in os.environ:
     torch.save(g["raw_model"].state_dict(), os.environ["RELIABILITY_DUMP"] + f".rank{os.environ.get('RANK', 0)}")
+if "RELIABILITY_THREADS" in os.environ:
+    import glob
+    names = sorted(open(t).read().strip() for t in glob.glob("/proc/self/task/*/comm"))
+    open(os.environ["RELIABILITY_THREADS"] + f".rank{os.environ.get('RANK', 0)}", "w").write("\n".join(names))
 '''
 
 
@@ -339,6 +345,21 @@ def test_ddp_an_expert_without_tokens_on_one_rank_keeps_ranks_in_sync(char_data,
     assert max((single[k] - r0[k]).abs().max().item() for k in single) < 1e-5
     load = [json.loads(line) for line in log_lines(tmp_path / "ddp") if '"expert_load"' in line]
     assert any(0.0 in layer for r in load for layer in r["expert_load"]), load
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="lists threads through Linux's /proc")
+def test_ddp_ranks_end_gloos_threads_before_the_interpreters_teardown(char_data, tmp_path, wrapper):
+    # gloo's threads (its TCP loop, its workers) must be gone when train.py returns: alive into the interpreter's
+    # teardown they can abort a rank at exit ("terminate called without an active exception"), by chance. They
+    # outlive destroy_process_group when anything still holds the group, as torch.distributed.nn's default
+    # arguments do when it is imported after init_process_group
+    threads = str(tmp_path / "threads")
+    p, _ = torchrun(train_cmd(char_data, tmp_path, "--max_iters=2", "--eval_interval=2",
+                              "--gradient_accumulation_steps=2", wrapper=wrapper)[1:], {"RELIABILITY_THREADS": threads})
+    assert p.returncode == 0, p.stderr[-3000:]
+    for rank in (0, 1):
+        names = open(f"{threads}.rank{rank}").read().split()
+        assert names and not [n for n in names if "gloo" in n], (rank, names)
 
 
 # -----------------------------------------------------------------------------

@@ -2,11 +2,11 @@
 # job's model and recipe, unchanged, on text that no run reads twice, with validation by authors it never read.
 # python prepare_data.py gutenberg_char --input=PATH/gutenberg && python train.py config/train_gutenberg_mose.py
 #
-# The data (prepared from the shared copy, 468 books by 91 authors): train.bin 91,453,766 characters, val.bin
-# 5,274,595 characters by 5 other authors. holdout_tokens below keeps the last 3 authors of train.bin (Zola,
-# Hardy, Homer: 3,416,395 characters, the sum prepare_data.py prints) out of training, so choosing a recipe on
-# --split=holdout is choosing it on writers the model never read, as val is; 88,037,371 characters are left to
-# train on.
+# The data (prepared from the shared copy, 468 books by 91 authors): train.bin 91,453,766 characters by 86
+# authors, val.bin 5,274,595 characters by 5 others. holdout_authors below keeps the last 3 authors of train.bin
+# out of training (prepare_data.py lists them in meta.pkl; on the shared copy Zola, Hardy, Homer: 3,416,395
+# characters), so choosing a recipe on --split=holdout is choosing it on writers the model never read, as val is;
+# on the shared copy 88,037,371 characters are left to train on.
 #
 # The budget: 8.0e13 FLOPs, twice the Shakespeare job's, each model reading each character at most once. Forward
 # FLOPs per token (vocabulary 211): 1.763M for the MoE at full width, 1.616M for a mean random_pair step (the
@@ -30,6 +30,6 @@
 exec(open('config/train_shakespeare_mose.py').read())
 out_dir = 'out-gutenberg-mose'
 dataset = 'gutenberg_char'
-holdout_tokens = 3_416_395      # the last 3 authors of train.bin (prepared from the shared copy)
+holdout_authors = 3             # the last 3 authors of train.bin, whatever copy it was prepared from
 eval_interval = 1000
 max_train_flops = 8e13

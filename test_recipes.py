@@ -1,0 +1,251 @@
+"""Tests of recipes.py, the training recipes: each recipe draws what its header and docstrings say (the widths
+and their mix, k and its law), from the generator it is given, and a Recipe refuses keys that make no recipe.
+train.py runs them end to end in test_train.py and test_compute.py."""
+
+import ast
+import functools
+import math
+import os
+import re
+from dataclasses import fields
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import recipes
+from model import GPT, GPTConfig
+from recipes import (K_SAMPLING, WIDTH_SAMPLING, RandomWidth, Recipe, describe, distill_loss, draw_step_width, k_of,
+                     sample_k, sample_widths, width_of)
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+MODEL = GPTConfig(n_layer=3, n_head=2, n_embd=32, n_exp=4, k_exp=2, moe_stride=1, expert_hidden=64, block_size=32,
+                  vocab_size=65)   # 3 MoE layers
+TINY_CONFIG = dict(n_layer=2, n_head=2, n_embd=32, n_exp=4, k_exp=2, expert_hidden=64, block_size=32, vocab_size=65)
+
+
+@functools.cache
+def train_py_defaults():
+    """train.py's own defaults for the recipe keys, read from its source (it is a script, not a module)."""
+    tree = ast.parse(open(os.path.join(REPO, "train.py")).read())
+    values = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    return values
+
+
+def recipe(model=MODEL, **keys):
+    """A Recipe of train.py's defaults with `keys` changed, for `model`."""
+    return Recipe.of(dict(train_py_defaults(), **keys), model)
+
+
+def frequencies(values):
+    return {v: sum(x == v for x in values) / len(values) for v in set(values)}
+
+
+# --- the file's header and its fields ----------------------------------------------------------------------
+
+def test_the_header_lists_every_recipe_with_its_cost_and_every_k_variant():
+    doc = recipes.__doc__
+    for name in WIDTH_SAMPLING:   # "  random_pair   1 pass   ..."
+        assert re.search(rf"^  {name} +(1 pass|1 \+ n|2 \+ n|len) ", doc, re.M), name
+    for name in K_SAMPLING[1:]:
+        assert re.search(rf"^  {name} +\S", doc, re.M), name
+    assert "Router.coactivation_sample" in doc   # where Elastic MoE's pool is drawn
+
+
+def test_a_recipes_keys_are_train_py_config_keys():
+    defaults = train_py_defaults()
+    keys = {f.name for f in fields(Recipe)} - {"n_exp", "k_exp", "n_moe_layers"}   # the model fixes those
+    assert keys <= set(defaults), keys - set(defaults)
+    r = recipe()
+    assert (r.width_sampling, r.k_max, r.n_moe_layers) == ("random_pair", MODEL.k_exp, 3)   # k_max 0 = k_exp
+
+
+# --- the RandomWidth training policy ---------------------------------------------------------------------
+
+def test_random_width_samples_full_width_with_p_full_else_the_grid():
+    gates = torch.full((20000, 2), 0.5)
+    w = RandomWidth(p_full=0.5, w_min=0.25, grid=0.25, generator=torch.Generator().manual_seed(0))(gates, 0)
+    assert w.shape == gates.shape
+    assert set(w.unique().tolist()) == {0.25, 0.5, 0.75, 1.0}
+    # P(full) = p_full + (1 - p_full) * P(U[0.25, 1] snaps to 1.0) = 0.5 + 0.5 / 6; the rest: 1/6, 1/3, 1/3
+    assert abs((w == 1.0).float().mean().item() - (0.5 + 0.5 / 6)) < 0.01
+    assert abs((w == 0.25).float().mean().item() - 0.5 / 6) < 0.01
+    assert abs((w == 0.5).float().mean().item() - 0.5 / 3) < 0.01
+    # mean width 0.5 * 1 + 0.5 * 0.625: such a pass spends 0.8125 of the full-width expert FLOPs
+    assert abs(w.mean().item() - 0.8125) < 0.005
+
+
+@pytest.mark.parametrize("p_full,w_min,grid", [(0.25, 0.25, 0.25), (0.5, 0.3, 0.25), (0.0, 0.25, 0.05), (0.1, 1.0, 0.25)])
+def test_random_width_mix_is_what_it_draws(p_full, w_min, grid):
+    # the stated mix (RandomWidth.mix, printed by train.py) against 200,000 draws; the shipped recipe's defaults
+    # draw 1 / 0.75 / 0.5 / 0.25 with 37.5 / 25 / 25 / 12.5 %: snapping halves the end points' share
+    policy = RandomWidth(p_full, w_min, grid, torch.Generator().manual_seed(0))
+    mix = policy.mix()
+    assert math.isclose(sum(mix.values()), 1.0)
+    w = policy(torch.zeros(100000, 2), 0)
+    drawn = {round(v, 6): (w == v).float().mean().item() for v in w.unique().tolist()}
+    assert set(drawn) == {round(v, 6) for v in mix}
+    assert all(abs(drawn[round(v, 6)] - p) < 0.005 for v, p in mix.items())
+    if (p_full, w_min, grid) == (0.25, 0.25, 0.25):
+        assert mix == {1.0: 0.375, 0.75: 0.25, 0.5: 0.25, 0.25: 0.125}
+        assert RandomWidth().mix() == mix                     # RandomWidth's defaults are the shipped recipe's
+
+
+def test_random_width_is_continuous_without_a_grid_and_reproducible():
+    gates = torch.full((5000, 2), 0.5)
+    a = RandomWidth(0.0, 0.3, 0.0, torch.Generator().manual_seed(3))(gates, 0)
+    b = RandomWidth(0.0, 0.3, 0.0, torch.Generator().manual_seed(3))(gates, 0)
+    assert torch.equal(a, b)                                  # the generator's state is the whole story
+    assert a.min() >= 0.3 and a.max() <= 1.0 and a.unique().numel() > 4000
+    assert RandomWidth(1.0, 0.3, 0.0, torch.Generator())(gates, 0).eq(1.0).all()
+    assert RandomWidth(0.0, 0.3, 0.0).mix() is None
+    with pytest.raises(ValueError, match="w_min must be in"):
+        RandomWidth(0.5, 0.0)
+
+
+def test_random_width_forward_spends_what_its_widths_say():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY_CONFIG, moe_stride=1))
+    x = torch.randint(0, 65, (3, 32), generator=torch.Generator().manual_seed(1))
+    policy = RandomWidth(0.5, 0.25, 0.25, torch.Generator().manual_seed(5))
+    out = model(x, x, width=policy)
+    # replay the same draws: both MoE layers, in order, one (N, k) draw each
+    replay = RandomWidth(0.5, 0.25, 0.25, torch.Generator().manual_seed(5))
+    units = sum(64 * replay(torch.zeros(96, 2), i) for i in range(2))            # (N, k) hidden units summed
+    assert math.isclose(out.stats["expert_flops"].item(), (4 * 32 * units.sum(dim=1)).mean().item(), rel_tol=1e-6)
+    assert out.stats["expert_flops"] < model.flops_breakdown()["experts"]
+
+
+def test_describe_says_what_random_pair_draws():
+    assert describe(recipe()) == ("random_pair: each (token, expert) pair draws its width, 1 with probability "
+                                  "0.375, 0.75 with probability 0.250, 0.5 with probability 0.250, 0.25 with "
+                                  "probability 0.125")
+    assert describe(recipe(width_grid=0.0)).endswith("1 with probability 0.25, else uniform in [0.25, 1]")
+    assert describe(recipe(width_sampling="max_random")) is None
+
+
+# --- one width for a whole pass, and the widths of a step -------------------------------------------------------
+
+@pytest.mark.parametrize("w_min,grid", [(0.25, 0.25), (0.3, 0.25), (0.25, 0.05)])
+def test_draw_step_width_is_uniform_snapped_as_random_widths_mix_says(w_min, grid):
+    # a pass's width is snapped by the same rule as a pair's: RandomWidth's mix at p_full = 0 is its law
+    r, gen = recipe(w_min=w_min, width_grid=grid), torch.Generator().manual_seed(0)
+    drawn = frequencies([round(draw_step_width(r, gen), 6) for _ in range(20000)])
+    mix = {round(w, 6): p for w, p in RandomWidth(0.0, w_min, grid).mix().items()}
+    assert set(drawn) == set(mix) and all(abs(drawn[w] - p) < 0.015 for w, p in mix.items()), (drawn, mix)
+
+
+def test_draw_step_width_is_continuous_without_a_grid():
+    r, gen = recipe(w_min=0.3, width_grid=0.0), torch.Generator().manual_seed(0)
+    drawn = [draw_step_width(r, gen) for _ in range(2000)]
+    assert min(drawn) >= 0.3 and max(drawn) <= 1.0 and len(set(drawn)) == 2000
+    assert abs(sum(drawn) / 2000 - 0.65) < 0.02
+
+
+@pytest.mark.parametrize("keys,check", [
+    (dict(width_sampling="none"), lambda w: w == [1.0]),
+    (dict(width_sampling="random_pair"), lambda w: len(w) == 1 and isinstance(w[0], RandomWidth)),
+    (dict(width_sampling="random_pair", distill_weight=0.5),   # the teacher comes first
+     lambda w: w[0] == 1.0 and isinstance(w[1], RandomWidth) and len(w) == 2),
+    (dict(width_sampling="max_random", n_random_widths=2),
+     lambda w: len(w) == 3 and w[0] == 1.0 and all(x in (0.25, 0.5, 0.75, 1.0) for x in w[1:])),
+    (dict(width_sampling="sandwich", w_min=0.3), lambda w: w[:2] == [1.0, 0.3] and 0.3 <= w[2] <= 1.0),
+    (dict(width_sampling="fixed", fixed_widths=(0.5, 1.0, 0.75)), lambda w: w == [1.0, 0.75, 0.5]),
+    (dict(width_sampling="max_random", width_per_layer=True),   # one random width per MoE layer
+     lambda w: w[0] == 1.0 and isinstance(w[1], list) and len(w[1]) == 3),
+])
+def test_sample_widths_gives_each_recipes_passes_widest_first(keys, check):
+    r, gen = recipe(**keys), torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert check(sample_widths(r, gen))
+
+
+@pytest.mark.parametrize("p_full", [0.25, 0.5])
+def test_random_step_draws_the_full_width_with_p_full_else_the_grid(p_full):
+    # one width per step with the law of one RandomWidth pair: the stated mix
+    r, gen = recipe(width_sampling="random_step", p_full=p_full), torch.Generator().manual_seed(0)
+    drawn = frequencies([sample_widths(r, gen)[0] for _ in range(10000)])
+    mix = RandomWidth(p_full, 0.25, 0.25).mix()
+    assert set(drawn) == set(mix) and all(abs(drawn[w] - p) < 0.02 for w, p in mix.items()), (drawn, mix)
+
+
+def test_width_of_gives_each_micro_batch_its_own_reproducible_draws():
+    r, pair = recipe(seed=7), RandomWidth(0.25, 0.25, 0.25)
+    assert width_of(r, 0.5, 3, 1) == 0.5 and width_of(r, [1.0, 0.5, 0.5], 3, 1) == [1.0, 0.5, 0.5]
+    draw = lambda step, mb: width_of(r, pair, step, mb)(torch.zeros(500, 2), 0)
+    assert torch.equal(draw(3, 1), draw(3, 1))   # a resumed run, or another rank, draws the same
+    assert not torch.equal(draw(3, 1), draw(3, 2)) and not torch.equal(draw(3, 1), draw(4, 1))
+    assert repr(width_of(r, pair, 3, 1)) == repr(pair)
+
+
+def test_distill_loss_is_cross_entropy_against_the_teachers_predictions():
+    g = torch.Generator().manual_seed(0)
+    logits, teacher = torch.randn(4, 5, 11, generator=g), torch.randn(4, 5, 11, generator=g)
+    soft = F.cross_entropy(logits.reshape(-1, 11), F.softmax(teacher, -1).reshape(-1, 11))
+    torch.testing.assert_close(distill_loss(logits, teacher), soft)
+    p = F.softmax(teacher, -1)   # at the teacher's own logits: the entropy of its predictions, the minimum
+    torch.testing.assert_close(distill_loss(teacher, teacher), -(p * p.log()).sum(-1).mean())
+    assert distill_loss(logits, teacher) > distill_loss(teacher, teacher)
+
+
+# --- experts per token (Matryoshka MoE) ----------------------------------------------------------------------
+
+def test_sample_k_variants():
+    gen = torch.Generator().manual_seed(0)
+    r = recipe(k_sampling="layer", k_max=3)
+    layer = [sample_k(r, gen, 2) for _ in range(3000)]
+    assert all(len(ks) == 3 for ks in layer)
+    drawn = frequencies([k for ks in layer for k in ks])
+    assert set(drawn) == {1, 2, 3} and all(abs(p - 1 / 3) < 0.02 for p in drawn.values())   # U{k_min..k_max}
+    r = recipe(k_sampling="step", k_min=2, k_max=4)
+    step = [sample_k(r, gen, 2) for _ in range(100)]
+    assert all(isinstance(k, int) and 2 <= k <= 4 for k in step) and len(set(step)) == 3
+    micro = sample_k(recipe(k_sampling="micro", k_max=4), gen, 6)
+    assert len(micro) == 6 and [k_of(recipe(k_sampling="micro"), micro, m) for m in range(6)] == micro
+    assert sample_k(recipe(k_sampling="top_p", k_max=3), gen, 2) == 3   # the most a token may take
+    assert sample_k(recipe(), gen, 2) is None                            # the training k
+    assert k_of(recipe(k_sampling="layer"), [1, 2, 3], 5) == [1, 2, 3]   # the same k for every micro-batch
+
+
+@pytest.mark.parametrize("k_tau", [1.0, 2.0])
+def test_capacity_draws_k_with_probability_proportional_to_k_to_the_one_over_tau(k_tau):
+    r, gen = recipe(k_sampling="capacity", k_max=4, k_tau=k_tau), torch.Generator().manual_seed(0)
+    drawn = frequencies([k for _ in range(5000) for k in sample_k(r, gen, 1)])
+    weight = {k: k ** (1 / k_tau) for k in range(1, 5)}
+    law = {k: w / sum(weight.values()) for k, w in weight.items()}
+    assert all(abs(drawn[k] - p) < 0.015 for k, p in law.items()), (drawn, law)
+
+
+# --- keys that make no recipe ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("keys,message", [
+    (dict(p_full=1.5), "--p_full must be a probability in [0, 1], got 1.5"),
+    (dict(k_tau=0.0), "--k_tau must be > 0, got 0.0"),
+    (dict(width_sampling="random"), "width_sampling must be one of random_pair, max_random"),
+    (dict(width_data="new"), "width_data must be same or fresh"),
+    (dict(width_data="fresh", distill_weight=0.5), "in-place distillation needs every width on the same batch"),
+    (dict(k_sampling="top_p", k_min=2), "leave k_min at 1 and k_pool at 0"),
+    (dict(detach_router=True), "width_sampling='random_pair' has one pass"),
+    (dict(width_sampling="fixed", fixed_widths=()), "give at least one"),
+    (dict(fixed_widths=(1.0, 1.5)), "fixed_widths values must be in (0, 1], got 1.5"),
+    (dict(w_min=0.0), "w_min must be in (0, 1]"),
+    (dict(k_min=3), "need 1 <= k_min <= k_max <= n_exp, got k_min=3, k_max=2, n_exp=4"),
+    (dict(k_pool=2), "k_pool must be in (k_exp, n_exp] = (2, 4], got 2"),
+])
+def test_keys_that_make_no_recipe_are_one_line(keys, message):
+    with pytest.raises(ValueError) as e:
+        recipe(**keys)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_dense_gpt_trains_one_full_width_pass():
+    dense = GPTConfig(**{**TINY_CONFIG, "n_exp": 0})
+    r = recipe(dense, width_sampling="sandwich", k_sampling="layer", k_pool=3, detach_router=True)
+    gen = torch.Generator().manual_seed(0)
+    assert (sample_widths(r, gen), sample_k(r, gen, 1), r.k_pool, r.detach_router) == ([1.0], None, 0, False)
