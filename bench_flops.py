@@ -6,6 +6,12 @@ top-p dials, a dense GPT).
 
     python bench_flops.py --out_dir=out-shakespeare-mose --compare=out-shakespeare-moe,out-shakespeare-dense
     python bench_flops.py ... --series="one MoE per size:out-moe-h192,out-moe-h128,out-moe-h64"
+    python bench_flops.py ... --route_top_p=0.5,0.7                 # top-p routing swept, every model with experts
+    python bench_flops.py ... --policy=confidence --budget=0.5      # one more point, as sample.py runs it
+
+The dial flags are sample.py's, with sample.py's meaning and checks (dials.check_dial_flags): --width, --k_exp,
+--policy, --budget and --gamma add the one operating point of the main model that sample.py would run with them;
+--route_top_p is a list here, the masses swept (at full width and at each of --grid_widths).
 
 Every row is measured here: the loss on the validation split (with its standard error over sequences), the
 FLOPs the forward actually spent, the tokens per second of the forward. --json=PATH writes the rows,
@@ -27,7 +33,7 @@ import torch.nn.functional as F
 
 from configurator import check_ranges, configure, fail, setup_device
 from checkpoint import check_tokenizer, load_checkpoint
-from dials import allocate_budget, calibration_batches, make_policy
+from dials import allocate_budget, calibration_batches, check_dial_flags, check_route_top_p, make_policy
 from model import check_width
 from prepare_data import gpt2_encoding
 
@@ -46,8 +52,12 @@ split = "val"                      # 'val', or 'holdout': the held-out tail of t
 batch_size = 32
 widths = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0)
 grid_widths = (0.25, 0.5, 0.75)    # width x k_exp combinations
-width = ()                         # one more operating point, per MoE layer: --width=0.5,1.0 --k_exp=1,2 (one value
-k_exp = ()                         # = every layer; none = full width / training k); the row's policy is 'per_layer'
+# one more operating point of the main model, sample.py's flags with its meaning; none given, none added
+width = ()                         # one value, or one per MoE layer: --width=0.5,1.0 --k_exp=1,2; the row's policy
+k_exp = ()                         # is 'per_layer' (none: full width / 0 = the training k)
+policy = ""                        # '' = uniform; confidence | ttt | search | allocate | width_top_p (dials.py)
+budget = 0.0                       # 0 = none; else a fraction in (0, 1] of the full-width expert FLOPs
+gamma = 1.0                        # the confidence policy's sharpness (ttt and search fit their own)
 gammas = (0.0, 1.0, 2.0, 4.0, 8.0) # confidence policy, each fitted to every budget in conf_budgets
 conf_budgets = (0.75, 0.5, 0.3)    # also the budgets of 'search' (gamma searched) and 'allocate' (per layer)
 allocate_k = False                 # the allocator may also lower a layer's k, not only its width
@@ -58,10 +68,10 @@ ttt_batches = 50                   # the paper: 50 batches of 6 sequences, SGD l
 ttt_batch_size = 6
 ttt_lr = 0.01
 ttt_per_layer = False              # one gamma per MoE layer instead of one for the model
-top_ps = ()                        # Matryoshka MoE's top-p dial, for every model with experts: each token takes
-                                   # experts by probability until their mass reaches p, e.g. (0.5, 0.7, 0.9); at
-                                   # full width and at each of grid_widths
-top_p_k = 0                        # ... and at most this many; 0 = each model's own k_max (its k_exp unless it
+route_top_p = ()                   # Matryoshka MoE's top-p routing, for every model with experts: each token takes
+                                   # experts by probability until their mass reaches p, e.g. 0.5,0.7,0.9; at full
+                                   # width and at each of grid_widths
+route_top_p_k = 0                  # ... and at most this many; 0 = each model's own k_max (its k_exp unless it
                                    # trained with k_sampling)
 w_min = 0.25
 eval_text = ""                     # out of domain: a plain text file (UTF-8), scored at every operating point with
@@ -79,7 +89,7 @@ config = configure(globals(), aliases={"json": "json_path"})
 # -----------------------------------------------------------------------------
 check_ranges(config, {   # every number in its range before any work (widths and budgets are checked below)
     **{k: (lambda v: v >= 1, ">= 1") for k in ("batch_size", "ttt_batches", "ttt_batch_size")},
-    **{k: (lambda v: v >= 0, ">= 0") for k in ("eval_tokens", "match_tol", "top_p_k", "gammas")},
+    **{k: (lambda v: v >= 0, ">= 0") for k in ("eval_tokens", "match_tol", "route_top_p_k", "gammas")},
     "ttt_lr": (lambda v: v > 0, "> 0"),
 })
 
@@ -100,9 +110,10 @@ try:
     for b in both_budgets:
         if not 0 < b <= 1:
             raise ValueError(f"both_budgets must be in (0, 1] (fractions of full-width expert FLOPs), got {b}")
-    for p in top_ps:
-        if not 0 < p <= 1:
-            raise ValueError(f"top_ps are probability masses in (0, 1], got {p}")
+    for p in route_top_p:
+        check_route_top_p(p)
+    if width or k_exp or policy or budget:   # the one operating point, checked as sample.py checks it
+        point_width = check_dial_flags(width or (1.0,), k_exp or (0,), policy or "uniform", budget, gamma, w_min)
     for key, value in (("eval_text_tokens", eval_text_tokens), ("lambada_n", lambada_n)):
         if value < 0:
             raise ValueError(f"--{key} must be >= 0 (0 = all), got {value}")
@@ -152,18 +163,19 @@ T = main_model.config.block_size
 for name, (m, _) in models.items():
     if m.config.block_size != T:
         fail(f"{name} has block_size {m.config.block_size}, {main_name} {T}: compare models of one context length")
-    if top_ps and m.config.n_exp and top_p_k > m.config.n_exp:
-        fail(f"--top_p_k={top_p_k} is more experts than {name} has (n_exp={m.config.n_exp})")
-# --width / --k_exp: one operating point with a width and a k per MoE layer of the main model, checked now
-per_layer_point = None
-if width or k_exp:
+    if route_top_p and m.config.n_exp and route_top_p_k > m.config.n_exp:
+        fail(f"--route_top_p_k={route_top_p_k} is more experts than {name} has (n_exp={m.config.n_exp})")
+# the one operating point (--width, --k_exp, --policy, --budget): the main model's per-layer counts checked now
+point_k = None
+if width or k_exp or policy or budget:
     for key, values in (("width", width), ("k_exp", k_exp)):
         if len(values) > 1 and len(values) != main_model.config.n_moe_layers:
             fail(f"--{key} has {len(values)} values but {main_name} has {main_model.config.n_moe_layers} MoE layers: "
                  f"give one value, or one per MoE layer")
-    one = lambda values, default: default if not values else values[0] if len(values) == 1 else list(values)
-    try:   # the model's own checks (widths in (0, 1], k in [1, n_exp]); it returns one value per MoE layer
-        per_layer_point = main_model.resolve_dials(one(width, 1.0), one(k_exp, None))
+    point_k = [k or main_model.config.k_exp for k in k_exp or (0,)]   # 0 = the training value
+    point_k = point_k[0] if len(point_k) == 1 else point_k
+    try:   # the model's own checks (k in [1, n_exp]; a dense model has no dials)
+        main_model.resolve_dials(point_width if not policy or policy == "uniform" else None, point_k)
     except ValueError as e:
         fail(str(e))
 
@@ -322,24 +334,24 @@ for name, (_, ckpt) in models.items():
           ", training FLOPs not recorded (an older checkpoint)"))
 
 
-def forward(model, x, y, width, k_exp, top_p):
+def forward(model, x, y, width, k_exp, route_top_p):
     """One operating point's forward: every score of a row (validation, --eval_text, --lambada) goes through
     here, so all of them see the same dials."""
     with ctx:
-        return model(x, y, width=width, k_exp=k_exp, top_p=top_p)
+        return model(x, y, width=width, k_exp=k_exp, route_top_p=route_top_p)
 
 
 @torch.no_grad()
-def evaluate(model, width, k_exp, top_p=None):
+def evaluate(model, width, k_exp, route_top_p=None):
     """Mean validation loss, its standard error over the windows, spent FLOPs/token, experts/token, forward
     tokens/s."""
     seq_losses, expert_flops, experts, seconds = [], [], [], 0.0
-    forward(model, *val_batches[0], width, k_exp, top_p)   # warm-up, untimed: first calls allocate
+    forward(model, *val_batches[0], width, k_exp, route_top_p)   # warm-up, untimed: first calls allocate
     for x, y in val_batches:
         if device_type == "cuda":
             torch.cuda.synchronize()
         t0 = time.time()
-        out = forward(model, x, y, width, k_exp, top_p)
+        out = forward(model, x, y, width, k_exp, route_top_p)
         if device_type == "cuda":
             torch.cuda.synchronize()
         seconds += time.time() - t0
@@ -359,13 +371,14 @@ def evaluate(model, width, k_exp, top_p=None):
 
 
 @torch.no_grad()
-def evaluate_ood(model, width, k_exp, top_p):
+def evaluate_ood(model, width, k_exp, route_top_p):
     """--eval_text and --lambada at one operating point: the row's fields, and per window / passage what the
     paired differences need."""
     fields, items = {}, {}
     if text_batches:
-        nats = torch.cat([F.cross_entropy(forward(model, x, y, width, k_exp, top_p).logits.float().transpose(1, 2), y,
-                                          reduction="none").sum(dim=1).cpu() for x, y in text_batches]).double()
+        nats = torch.cat([F.cross_entropy(forward(model, x, y, width, k_exp, route_top_p).logits.float()
+                                          .transpose(1, 2), y, reduction="none").sum(dim=1).cpu()
+                          for x, y in text_batches]).double()
         per_token = nats / T   # each window's mean
         fields.update(eval_text=eval_text, eval_text_nats_per_token=per_token.mean().item(),
                       eval_text_nats_stderr=(per_token.std() / math.sqrt(len(nats))).item(),
@@ -374,7 +387,7 @@ def evaluate_ood(model, width, k_exp, top_p):
     if lambada_batches:
         correct, nats = [], []
         for x, y in lambada_batches:
-            logits = forward(model, x, y, width, k_exp, top_p).logits.float()
+            logits = forward(model, x, y, width, k_exp, route_top_p).logits.float()
             word = y >= 0
             correct.append(((logits.argmax(dim=-1) == y) | ~word).all(dim=1).cpu())   # every token of the word
             nats.append(F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction="none").sum(dim=1).cpu())
@@ -400,14 +413,14 @@ def as_trained(name):
                  and r["width"] == 1.0 and r["k_exp"] == trained_k(models[name][0])), None)
 
 
-def add_row(name, policy, width, k_exp, gamma=None, budget=None, top_p=None):
+def add_row(name, policy, width, k_exp, gamma=None, budget=None, route_top_p=None):
     model = models[name][0]
     k = k_exp or trained_k(model)
-    result, per_seq = evaluate(model, width if model.config.n_exp else None, k, top_p)
-    ood, per_item = evaluate_ood(model, width if model.config.n_exp else None, k, top_p)
+    result, per_seq = evaluate(model, width if model.config.n_exp else None, k, route_top_p)
+    ood, per_item = evaluate_ood(model, width if model.config.n_exp else None, k, route_top_p)
     row = dict(model=name, series=member_of.get(name), policy=policy,
                width=width if isinstance(width, (float, list)) else getattr(width, "Gamma", None),
-               k_exp=k, gamma=gamma, budget=budget, top_p=top_p, train_flops=train_flops[name], **result,
+               k_exp=k, gamma=gamma, budget=budget, route_top_p=route_top_p, train_flops=train_flops[name], **result,
                rel_flops=result["flops_per_token"] / reference["total"],
                rel_expert_flops=(result["expert_flops_per_token"] / reference["experts"]
                                  if reference["experts"] else None),
@@ -419,7 +432,7 @@ def add_row(name, policy, width, k_exp, gamma=None, budget=None, top_p=None):
 
 
 def policy_name(r):
-    return f"top_p {r['top_p']:g}" if r["policy"] == "top_p" else r["policy"]
+    return f"top_p {r['route_top_p']:g}" if r["policy"] == "top_p" else r["policy"]
 
 
 def format_row(r):
@@ -434,14 +447,32 @@ def format_row(r):
             + (f" {r['lambada_acc']:8.3f} {r['lambada_nats_per_word']:8.3f}" if lambada else ""))
 
 
-def fit_policy(policy, **kw):
+def fit_policy(policy, k_exp=None, **kw):
     """A policy fitted to a budget on the calibration text, or None (and a note) when the budget is out of its
     reach, e.g. a high budget at a large gamma: the sweep goes on without that point."""
     try:
-        return make_policy(main_model, policy, k_exp=main_model.config.k_exp, batches=calib_batches, w_min=w_min, **kw)
+        return make_policy(main_model, policy, k_exp=k_exp or main_model.config.k_exp, batches=calib_batches,
+                           w_min=w_min, **kw)
     except ValueError as e:
         print(f"  (skipped {policy} {kw}: {e})")
         return None
+
+
+def add_point(name):
+    """The one operating point of --width, --k_exp, --policy, --budget and --gamma: the dial sample.py runs with
+    the same flags (make_policy), fitted on the same calibration text."""
+    if policy in ("", "uniform"):   # by hand: one width (or the budget) and one k per MoE layer
+        return add_row(name, "per_layer", *main_model.resolve_dials(budget or point_width, point_k))
+    dial = fit_policy(policy, point_k, width=point_width, budget=budget or None, gamma=gamma, ttt_lr=ttt_lr,
+                      per_layer=ttt_per_layer)
+    if dial is None:
+        return
+    if policy == "width_top_p":   # (width, route_top_p)
+        return add_row(name, policy, dial[0], point_k, None, budget, route_top_p=dial[1])
+    if policy == "allocate":      # a width per MoE layer
+        return add_row(name, policy, dial, point_k, None, budget)
+    g = dial.gamma.tolist() if isinstance(dial.gamma, torch.Tensor) else dial.gamma
+    add_row(name, policy, dial, point_k, g, budget or None)
 
 
 print(f"{'model':<24} {'policy':<11} {'width':>6} {'k':>3} {'gamma':>6} {'budget':>6} {'MFLOP/tok':>9} {'rel':>6} "
@@ -466,41 +497,42 @@ for name, (model, ckpt) in models.items():
             if k != k_train:
                 add_row(name, "uniform", float(w), k)
     sampled_k = ckpt["config"].get("k_sampling", "none") != "none"
-    k_most = min(top_p_k or (sampled_k and ckpt["config"].get("k_max")) or k_train, n_exp)
+    k_most = min(route_top_p_k or (sampled_k and ckpt["config"].get("k_max")) or k_train, n_exp)
     for w in (1.0, *grid_widths):                              # top-p routing, at most k_most experts, x width
-        for p in top_ps:
-            add_row(name, "top_p", float(w), k_most, top_p=float(p))
-    if name == main_name and per_layer_point:                  # --width / --k_exp: one of each per MoE layer
-        add_row(name, "per_layer", *per_layer_point)
+        for p in route_top_p:
+            add_row(name, "top_p", float(w), k_most, route_top_p=float(p))
     if name != main_name:   # the policies are MoSE's: baselines get the dials they have
         continue
-    for budget in conf_budgets:
+    if point_k is not None:                                    # --width, --k_exp, --policy, --budget, --gamma
+        add_point(name)
+    # the sweeps' budgets are b, their fitted dials `fitted`: the names budget and policy are the flags above
+    for b in conf_budgets:
         for g in gammas:
-            policy = fit_policy("confidence", budget=budget, gamma=g)
-            if policy is not None:
-                add_row(name, "confidence", policy, k_train, g, budget)
-    for budget in ttt_budgets:
+            fitted = fit_policy("confidence", budget=b, gamma=g)
+            if fitted is not None:
+                add_row(name, "confidence", fitted, k_train, g, b)
+    for b in ttt_budgets:
         t0 = time.time()
-        policy = fit_policy("ttt", budget=budget, ttt_lr=ttt_lr, per_layer=ttt_per_layer)
-        if policy is None:
+        fitted = fit_policy("ttt", budget=b, ttt_lr=ttt_lr, per_layer=ttt_per_layer)
+        if fitted is None:
             continue
-        g = policy.gamma.tolist() if isinstance(policy.gamma, torch.Tensor) else policy.gamma
-        add_row(name, "ttt", policy, k_train, g, budget)
+        g = fitted.gamma.tolist() if isinstance(fitted.gamma, torch.Tensor) else fitted.gamma
+        add_row(name, "ttt", fitted, k_train, g, b)
         print(f"  (ttt fitted in {time.time() - t0:.1f}s on {len(calib_batches)} train batches)")
-    for budget in conf_budgets:   # gamma searched, and a width (and k) per layer allocated, on calibration text
-        policy = fit_policy("search", budget=budget)
-        if policy is not None:
-            add_row(name, "search", policy, k_train, policy.gamma, budget)
-        try:
-            layer_widths, layer_ks = allocate_budget(main_model, calib_batches, budget, k_train, w_min,
-                                                     k_choices=range(1, k_train) if allocate_k else ())
-            add_row(name, "allocate", layer_widths, layer_ks, None, budget)
-        except ValueError as e:
-            print(f"  (skipped allocate at budget {budget}: {e})")
-    for budget in both_budgets:   # both dials: a uniform width with the top-p that meets the budget
-        fitted = fit_policy("width_top_p", budget=budget)   # (width, top_p)
+    for b in conf_budgets:   # gamma searched, and a width (and k) per layer allocated, on calibration text
+        fitted = fit_policy("search", budget=b)
         if fitted is not None:
-            add_row(name, "width_top_p", fitted[0], k_train, None, budget, top_p=fitted[1])
+            add_row(name, "search", fitted, k_train, fitted.gamma, b)
+        try:
+            layer_widths, layer_ks = allocate_budget(main_model, calib_batches, b, k_train, w_min,
+                                                     k_choices=range(1, k_train) if allocate_k else ())
+            add_row(name, "allocate", layer_widths, layer_ks, None, b)
+        except ValueError as e:
+            print(f"  (skipped allocate at budget {b}: {e})")
+    for b in both_budgets:   # both dials: a uniform width with the route_top_p that meets the budget
+        fitted = fit_policy("width_top_p", budget=b)   # (width, route_top_p)
+        if fitted is not None:
+            add_row(name, "width_top_p", fitted[0], k_train, None, b, route_top_p=fitted[1])
 
 
 # -----------------------------------------------------------------------------
@@ -606,7 +638,7 @@ if pairs:
 def setting(r):
     """A policy row's own setting: its gamma, (allocate) its width and k per MoE layer, (width_top_p) both dials."""
     if r["policy"] == "width_top_p":
-        return f"w {r['width']:g} " + ("all k" if r["top_p"] is None else f"p {r['top_p']:.3g}")
+        return f"w {r['width']:g} " + ("all k" if r["route_top_p"] is None else f"p {r['route_top_p']:.3g}")
     if r["policy"] == "allocate":
         return f"widths {'/'.join(f'{w:g}' for w in r['width'])} k {'/'.join(map(str, r['k_exp']))}"
     gamma = r["gamma"]
@@ -655,7 +687,7 @@ for budget, s, t, g in sides:
           f"{setting(rows[g])} {rows[g]['val_loss']:.4f}; search - best of grid = {paired_difference(s, g)}")
 
 if json_path:
-    keys = ("model", "series", "train_flops", "policy", "width", "k_exp", "gamma", "budget", "top_p",
+    keys = ("model", "series", "train_flops", "policy", "width", "k_exp", "gamma", "budget", "route_top_p",
             "flops_per_token", "expert_flops_per_token", "experts_per_token", "rel_flops", "rel_expert_flops",
             "val_loss", "val_loss_stderr", "tokens_per_s") \
         + (("eval_text", "eval_text_nats_per_token", "eval_text_nats_stderr", "eval_text_bits_per_char") if eval_text
@@ -666,6 +698,6 @@ if json_path:
     print(f"wrote {len(rows)} rows to {json_path}")
 if plot:   # matplotlib was checked at start-up, so a missing package never costs a finished sweep
     import plot_curve
-    plot_curve.draw([{k: r[k] for k in ("model", "series", "policy", "width", "k_exp", "gamma", "top_p",
+    plot_curve.draw([{k: r[k] for k in ("model", "series", "policy", "width", "k_exp", "gamma", "route_top_p",
                                         "rel_expert_flops", "val_loss")} for r in rows], plot)
     print(f"wrote {plot}")

@@ -3,7 +3,7 @@ Does the clock follow the FLOPs? Times the compute dial side by side and prints 
 ratios (medians of `repeats`, with the spread), all on random weights (speed does not depend on training):
 
   layer     one MoSELayer at the OpenWebText-small sizes, forward and forward+backward, uniform widths and
-            the confidence policy with Gamma fitted to each budget; with fast.py's paths and without
+            the confidence policy with Gamma fitted to each budget; with fast_decode.py's path and without
   model     the whole OpenWebText-small model's forward, time ratio vs flops_breakdown's ratio
   train     MoSE training steps against a plain MoE step (full width): the shipped single pass with a random
             width per (token, expert) pair (width_sampling='random_pair'), the paper's two passes (full width +
@@ -11,8 +11,8 @@ ratios (medians of `repeats`, with the spread), all on random weights (speed doe
   decode    tokens/s of generate() with the KV cache, batch 1, at width 1 and 0.5, Shakespeare and OWT-small;
             where the text outgrows block_size, also decoding that recomputes the window every step past it
             (generate before its window slid)
-  fast      what fast.py saves end to end: decoding (both models), and the training step as a check that it
-            takes no fast path, each with fast.py's path (GPT.set_fast(True), the default) and without
+  fast      what fast_decode.py saves end to end: decoding (both models), and the training step as a check that
+            it takes no fast path, each with fast_decode.py's path (GPT.set_fast(True), the default) and without
   nanomoe   (not in the default parts: it needs a nanoMoE checkout, whose code is never copied here) a training
             step of nanoMoE (github.com/wolfecameron/nanoMoE) and of this model at full width, side by side in
             one process, at nanoMoE-sized dims (4 layers, n_embd 128, 4 experts, top-2, MoE in every block), at
@@ -177,7 +177,8 @@ def fit_gamma_on_layer(layer, x, gamma, budget):
     """Gamma whose spent expert FLOPs on x are `budget` of full width (bisection in log space, as fit_budget)."""
     with torch.no_grad():
         gates = layer.router(x, k_exp).gates
-    frac = lambda G: (layer.experts.h(ConfidenceWidth(gamma, G)(gates, 0)).float().mean() / expert_hidden).item()
+    frac = lambda G: (layer.experts.hidden_units(ConfidenceWidth(gamma, G)(gates, 0)).float().mean()
+                      / expert_hidden).item()
     lo, hi = 1e-3, 64.0
     for _ in range(40):
         mid = (lo * hi) ** 0.5
@@ -194,7 +195,7 @@ if "layer" in parts:
     x = torch.randn(1, layer_tokens, n_embd, device=device)
     points, flops = {}, {}
     for w in uniform_widths:
-        points[f"uniform {w:g}"], flops[f"uniform {w:g}"] = w, layer.experts.h(w) / expert_hidden
+        points[f"uniform {w:g}"], flops[f"uniform {w:g}"] = w, layer.experts.hidden_units(w) / expert_hidden
     for g in gammas:
         for b in budgets:
             policy, spent = fit_gamma_on_layer(layer, x[0], g, b)
@@ -202,7 +203,7 @@ if "layer" in parts:
             points[name], flops[name] = policy, spent
     base = f"uniform {uniform_widths[0]:g}"
     for plain in (False, True):
-        layer.use_fast = not plain                  # fast.py's paths, or model.py's plain code alone
+        layer.use_fast = not plain                  # fast_decode.py's path, or model.py's plain code alone
         for backward in (False, True):
             def run(w):
                 if not backward:
@@ -336,9 +337,9 @@ if "decode" in parts:
                              flops_ratio=flops, times_s=ts))
         del model
 
-# --- what fast.py saves ---------------------------------------------------------------------------------
+# --- what fast_decode.py saves --------------------------------------------------------------------------
 if "fast" in parts:
-    print("\nfast.py: time without its paths / time with them (> 1: fast.py saves that much), same points side by side")
+    print("\nfast_decode.py: time without its path / time with it (> 1: it saves that much), same points side by side")
     print(f"{'point':<52} {'fast ms':>9} {'plain ms':>9} {'speed-up':>9} {'spread':>13}")
     shakespeare = GPTConfig(block_size=128, vocab_size=65, n_layer=4, n_head=4, n_embd=128, n_exp=8, k_exp=2,
                             expert_hidden=256)

@@ -162,7 +162,7 @@ def hidden_unit_importance(model, batches):
         x = torch.cat(xs)
         routing = layer.router(x, model.config.k_exp)
         ex = layer.experts
-        score = torch.zeros(ex.c_fc.size(0), ex.hidden, device=x.device)
+        score = torch.zeros(ex.c_fc.size(0), ex.H, device=x.device)
         for e in range(ex.c_fc.size(0)):
             rows = x[(routing.expert_idx == e).any(dim=1)]
             if len(rows):

@@ -8,9 +8,10 @@ results are reported on.
   fit_budget        bisect the confidence policy's Gamma until the spent FLOPs meet the budget
   fit_ttt           MoSE's test-time training of gamma (SGD through a differentiable prefix mask)
   fit_search        gamma by a 1-D search, Gamma refitted at each candidate
-  fit_width_top_p   both dials: a uniform width and the top-p routing mass
+  fit_width_top_p   both dials: a uniform width and the top-p routing mass (route_top_p); the policy
+                    width_top_p is this fit
   allocate_budget   one width (and optionally k) per MoE layer, greedily
-  make_policy       any of the above by name
+  make_policy       any of the above by name; check_dial_flags checks sample.py's and bench_flops.py's flags
   calibration_batches  windows of the training split: the text every fit meets its budget on
 """
 
@@ -24,10 +25,11 @@ import torch.nn.functional as F
 from model import ConfidenceWidth, check_width, hidden_units
 
 @torch.no_grad()
-def expert_flops_fraction(model, policy, batches, k_exp=None, top_p=None):
+def expert_flops_fraction(model, policy, batches, k_exp=None, route_top_p=None):
     """Expert FLOPs spent under `policy` (and top-p routing) on `batches`, as a fraction of full-width expert FLOPs
     at k_exp."""
-    spent = sum(model(x, width=policy, k_exp=k_exp, top_p=top_p).stats["expert_flops"].item() for x in batches)
+    spent = sum(model(x, width=policy, k_exp=k_exp, route_top_p=route_top_p).stats["expert_flops"].item()
+                for x in batches)
     return spent / (len(batches) * model.flops_breakdown(1.0, k_exp)["experts"])   # both per token, per batch
 
 
@@ -96,7 +98,8 @@ def fit_ttt(model, batches, budget, k_exp=None, lr=0.01, per_layer=False, w_min=
             if step > 0 and step % refit_every == 0:
                 policy = fit_budget(model, ConfidenceWidth(gamma().detach(), budget, w_min, grid),
                                     calib, budget, k_exp)
-            loss = model(x, y, width=ConfidenceWidth(gamma(), policy.Gamma, w_min, grid), k_exp=k_exp).loss
+            loss = model(x, y, width=ConfidenceWidth(gamma(), policy.Gamma, w_min, grid), k_exp=k_exp,
+                         fitting=True).loss   # every pair at full width behind the differentiable mask
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -110,9 +113,10 @@ def fit_ttt(model, batches, budget, k_exp=None, lr=0.01, per_layer=False, w_min=
 
 
 @torch.no_grad()
-def calibration_loss(model, batches, width=None, k_exp=None, top_p=None):
+def calibration_loss(model, batches, width=None, k_exp=None, route_top_p=None):
     """Mean language-model loss on calibration batches [(x, y)] at a dial (a width, a list, a policy; top-p)."""
-    return sum(model(x, y, width=width, k_exp=k_exp, top_p=top_p).loss.item() for x, y in batches) / len(batches)
+    return sum(model(x, y, width=width, k_exp=k_exp, route_top_p=route_top_p).loss.item()
+               for x, y in batches) / len(batches)
 
 
 @torch.no_grad()
@@ -156,26 +160,27 @@ def fit_search(model, batches, budget, k_exp=None, w_min=0.25, grid=0.05, gammas
 
 
 @torch.no_grad()
-def largest_top_p(model, width, batches, limit, k_exp=None):
+def largest_route_top_p(model, width, batches, limit, k_exp=None):
     """The largest top-p routing mass whose spent expert FLOPs at `width` stay within `limit` (a fraction of the
     full-width expert FLOPs at k_exp) on `batches`. Spend grows with p, so bisection works; the caller has checked
     that one expert per token (p -> 0) fits."""
     lo, hi = 0.0, 1.0
     for _ in range(14):                                        # 14 halvings: p to within 6e-5
         mid = (lo + hi) / 2
-        fits = expert_flops_fraction(model, width, batches, k_exp, top_p=max(mid, 1e-6)) <= limit
+        fits = expert_flops_fraction(model, width, batches, k_exp, route_top_p=max(mid, 1e-6)) <= limit
         lo, hi = (mid, hi) if fits else (lo, mid)
     return max(lo, 1e-6)          # forward takes p > 0; any p below the top probability (>= 1/n_exp) is one expert
 
 
 @torch.no_grad()
 def fit_width_top_p(model, batches, budget, k_exp=None, w_min=0.25, step=0.05, tol=0.01, calib_batches=None):
-    """Both dials for one budget: a uniform width and top-p routing. A narrower width costs every token less; top-p
-    lets confident tokens skip their weaker experts. The candidates: the widest width on the `step` grid whose k
-    experts fit the budget, and every wider width that fits it with top-p routing (up to about k x the budget,
-    where one expert per token is left), each with the largest top-p that fits (largest_top_p on `calib_batches`,
-    default all the batches' inputs). "Fits" allows `tol` (relative) over the budget. The candidate with the
-    lowest LM loss on `batches` wins. Returns (width, top_p); top_p None = all k experts (a uniform width)."""
+    """The policy width_top_p: a uniform width and a route_top_p (top-p routing's mass) fitted together to one
+    budget. A narrower width costs every token less; top-p lets confident tokens skip their weaker experts. The
+    candidates: the widest width on the `step` grid whose k experts fit the budget, and every wider width that
+    fits it with top-p routing (up to about k x the budget, where one expert per token is left), each with the
+    largest route_top_p that fits (largest_route_top_p on `calib_batches`, default all the batches' inputs).
+    "Fits" allows `tol` (relative) over the budget. The candidate with the lowest LM loss on `batches` wins.
+    Returns (width, route_top_p); route_top_p None = all k experts (a uniform width)."""
     calib = calibration_inputs(batches, calib_batches)
     cfg, ks = model.config, model.resolve_dials(None, k_exp)[1]
     if not ks:
@@ -189,7 +194,7 @@ def fit_width_top_p(model, batches, budget, k_exp=None, w_min=0.25, step=0.05, t
     was_training = model.training
     model.eval()                                               # no dropout: the same routing at every trial
     try:
-        candidates += [(w, largest_top_p(model, w, calib, limit, k_exp)) for f, w in sizes.items()
+        candidates += [(w, largest_route_top_p(model, w, calib, limit, k_exp)) for f, w in sizes.items()
                        if f > limit and f * one_expert <= limit]
         if not candidates:
             raise ValueError(f"budget {budget} is below what w_min={w_min} allows with one expert per token; "
@@ -238,19 +243,55 @@ def allocate_budget(model, batches, budget, k_exp=None, w_min=0.25, step=0.05, k
 
 
 POLICIES = ("uniform", "confidence", "ttt", "search", "allocate", "width_top_p")
+FITTED = {"ttt": "learns gamma", "search": "searches gamma", "allocate": "allocates widths to layers",
+          "width_top_p": "fits a width and route_top_p"}   # the policies that need a budget
+
+
+def check_route_top_p(p):
+    if not 0 < p <= 1:
+        raise ValueError(f"route_top_p is a probability mass in (0, 1], got {p}")
+
+
+def check_dial_flags(width, k_exp, policy, budget, gamma, w_min):
+    """The dial flags that sample.py and bench_flops.py share, checked alike before any work (a typo costs
+    nothing); a bad value raises ValueError with one line. width and k_exp are tuples: one value for every MoE
+    layer, or one per MoE layer (k_exp 0: the checkpoint's training value); budget 0 = none. Returns the width as
+    one float, or a list of one per MoE layer."""
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in width) or \
+            not all(isinstance(k, int) and not isinstance(k, bool) for k in k_exp):
+        raise ValueError("--width takes numbers in (0, 1] and --k_exp integers: one value for every MoE layer or "
+                         "one per MoE layer, e.g. --width=0.5,1.0 --k_exp=1,2")
+    for w in width:
+        check_width(float(w))
+    if min(k_exp) < 0:
+        raise ValueError(f"k_exp must be >= 1, or 0 for the checkpoint's training value; got {min(k_exp)}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got '{policy}'")
+    if len(width) > 1 and policy != "uniform":
+        raise ValueError(f"one width per MoE layer is a uniform dial; policy '{policy}' takes a single --width")
+    if budget and not 0 < budget <= 1:
+        raise ValueError(f"budget must be in (0, 1] (a fraction of full-width expert FLOPs), got {budget}")
+    if policy in FITTED and not budget:
+        raise ValueError(f"policy '{policy}' {FITTED[policy]} for a FLOPs budget: pass --budget in (0, 1]")
+    if budget and tuple(width) != (1.0,):   # both would set the compute; silently preferring one hides a mistake
+        raise ValueError("--width and --budget both set the compute: give one of them")
+    check_width(w_min, "w_min")
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0 (0 = every expert gets the same width), got {gamma}")
+    return float(width[0]) if len(width) == 1 else [float(w) for w in width]
 
 
 def make_policy(model, policy="uniform", width=1.0, budget=None, gamma=1.0, k_exp=None, batches=None,
                 w_min=0.25, grid=0.05, ttt_lr=0.01, per_layer=False):
     """The compute dial in one call (sample.py and bench_flops.py use it). Returns a width for forward()
-    (width_top_p: a width and a top-p).
+    (width_top_p: a width and a route_top_p).
       uniform:     `width` for every expert; with a budget, the width whose expert FLOPs are that fraction.
       confidence:  ConfidenceWidth(gamma, Gamma=width); with a budget, Gamma is fitted to it on `batches`.
       ttt:         gamma learned on `batches` (a list of (x, y)) for the budget, which it requires.
       search:      gamma searched on `batches`, Gamma refitted to the budget at each candidate (fit_search).
       allocate:    one uniform width per MoE layer, chosen greedily on `batches` for the budget: a list.
       width_top_p: both dials, a uniform width and top-p routing searched on `batches` for the budget
-                   (fit_width_top_p): returns (width, top_p), top_p for forward's top_p (None: all k experts).
+                   (fit_width_top_p): returns (width, route_top_p) for forward (route_top_p None: all k).
     budget: a fraction of the full-width expert FLOPs at k_exp, in (0, 1]."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got '{policy}'")

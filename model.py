@@ -13,11 +13,11 @@ pair read from the router's confidence. Read top to bottom:
      SlimmableExperts             stacked expert weights; a block of rows at one width, every expert at once
   5. MoSELayer                    route -> widths -> sort the pairs by width -> run -> combine (dropless)
   6. Width policies               router probabilities -> a width per pair: uniform, confidence
-  7. Block, GPT                   forward with its dials (width, k_exp, top_p), FLOPs, generate
+  7. Block, GPT                   forward with its dials (width, k_exp, route_top_p), FLOPs, generate
 
 Fitting a policy to a FLOPs budget lives in dials.py; how training draws widths and k (with its own, random
-policy) in recipes.py; checkpoints, tokenizers and upcycling in checkpoint.py; decoding a token takes fast.py's
-path (MoSELayer.forward says where), everything else runs the code below.
+policy) in recipes.py; checkpoints, tokenizers and upcycling in checkpoint.py; decoding a token takes
+fast_decode.py's path (MoSELayer.forward says where), everything else runs the code below.
 
 References: MoSE (Tastan et al., arXiv 2602.06154); Matryoshka MoE (arXiv 2509.26520); Elastic MoE (arXiv
 2509.21892); Switch Transformer (load-balancing loss); ST-MoE (router z-loss); Slimmable Networks (nested
@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fast   # decoding's speed path (a token's pairs one by one), tested against the plain code here
+import fast_decode   # decoding's speed path (a token's pairs one by one), tested against the plain code here
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -96,7 +96,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)]  # (B, nh, T, hs)
+        head_size = C // self.n_head
+        q, k, v = [t.view(B, T, self.n_head, head_size).transpose(1, 2) for t in (q, k, v)]  # (B, nh, T, head_size)
         if cache is not None:
             # KV cache for generation: keys/values of earlier positions are kept, only new ones computed, in
             # buffers of block_size positions written in place (no copy of the whole past at every token).
@@ -105,10 +106,10 @@ class CausalSelfAttention(nn.Module):
             if n and T != 1:
                 raise ValueError("a filled KV cache takes one token at a time")
             if not n:
-                cache["k"], cache["v"] = (k.new_empty(B, self.n_head, self.block_size, C // self.n_head)
-                                          for _ in range(2))               # (B, nh, block_size, hs)
+                cache["k"], cache["v"] = (k.new_empty(B, self.n_head, self.block_size, head_size)
+                                          for _ in range(2))               # (B, nh, block_size, head_size)
             cache["k"][:, :, n:n + T], cache["v"][:, :, n:n + T], cache["n"] = k, v, n + T
-            k, v = cache["k"][:, :, :n + T], cache["v"][:, :, :n + T]     # (B, nh, n + T, hs)
+            k, v = cache["k"][:, :, :n + T], cache["v"][:, :, :n + T]     # (B, nh, n + T, head_size)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -155,9 +156,9 @@ class Router(nn.Module):
         self.z_loss_weight = config.z_loss_weight
         self.hr_loss_weight = config.hr_loss_weight
 
-    def forward(self, x, k, k_pool=None, top_p=None):
-        # x: (N, C); k: experts per token (with top_p: at most); k_pool: Elastic MoE's co-activation pool
-        # (training only); top_p: Matryoshka MoE's top-p routing, a probability mass in (0, 1]
+    def forward(self, x, k, k_pool=None, route_top_p=None):
+        # x: (N, C); k: experts per token (with route_top_p: at most); k_pool: Elastic MoE's co-activation pool
+        # (training only); route_top_p: Matryoshka MoE's top-p routing, a probability mass in (0, 1]
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.w_g.weight.float())  # (N, E)
         probs = logits.softmax(dim=-1)                              # (N, E)
@@ -167,10 +168,10 @@ class Router(nn.Module):
         else:
             top_probs, expert_idx = probs.topk(k, dim=-1)           # (N, k), most probable first
         used = None
-        if top_p is not None:
-            # a token takes experts in order of probability until their mass (of the softmax over all E)
-            # reaches top_p (at least one, at most k): pair j is used iff the mass before it is short of top_p
-            used = top_probs.cumsum(dim=-1) - top_probs < top_p    # (N, k)
+        if route_top_p is not None:
+            # a token takes experts in order of probability until their mass (of the softmax over all E) reaches
+            # route_top_p (at least one, at most k): pair j is used iff the mass before it is short of route_top_p
+            used = top_probs.cumsum(dim=-1) - top_probs < route_top_p    # (N, k)
             used[:, 0] = True
             top_probs = top_probs * used
         gates = top_probs / top_probs.sum(dim=-1, keepdim=True)
@@ -207,15 +208,15 @@ class Router(nn.Module):
 # 4. Slimmable experts
 
 
-def hidden_units(width, full, multiple=1):
-    """h(w): the number of leading hidden units an expert of `full` units runs at width w, rounded to the
-    nearest multiple of `multiple`, at least one multiple and at most `full`. Takes a float or a tensor of
-    widths, with the same float32 rounding for both."""
+def hidden_units(width, H, multiple=1):
+    """h(w): the number of leading hidden units an expert of H units runs at width w, rounded to the nearest
+    multiple of `multiple`, at least one multiple and at most H. Takes a float or a tensor of widths, with the
+    same float32 rounding for both."""
     if not isinstance(width, torch.Tensor):
-        units = np.round(np.float32(width) * np.float32(full) / np.float32(multiple))   # half to even, as torch
-        return int(min(max(units * multiple, multiple), full))
+        h = np.round(np.float32(width) * np.float32(H) / np.float32(multiple))   # half to even, as torch
+        return int(min(max(h * multiple, multiple), H))
     w = width.float()                          # float32 on every device (mps has no float64)
-    return (torch.round(w * full / multiple) * multiple).clamp(min=multiple, max=full).long()
+    return (torch.round(w * H / multiple) * multiple).clamp(min=multiple, max=H).long()
 
 
 def pair_flops(n_embd, h):
@@ -256,19 +257,19 @@ class SlimmableExperts(nn.Module):
     def __init__(self, config):
         super().__init__()
         E, C, H = config.n_exp, config.n_embd, config.expert_hidden
-        self.hidden, self.multiple = H, config.width_multiple
+        self.H, self.multiple = H, config.width_multiple
         self.c_fc = nn.Parameter(torch.empty(E, C, H))
         self.c_proj = nn.Parameter(torch.empty(E, H, C))
         self.b_fc = nn.Parameter(torch.zeros(E, H)) if config.bias else None
         self.b_proj = nn.Parameter(torch.zeros(E, C)) if config.bias else None
 
-    def h(self, width):
-        return hidden_units(width, self.hidden, self.multiple)
+    def hidden_units(self, width):   # h(w) of these experts
+        return hidden_units(width, self.H, self.multiple)
 
     def forward(self, x, expert, counts, h, mask=None):
         """Rows of one width, every expert at once. x (n, C): rows sorted by expert; expert (n,): each row's
         expert; counts: rows per expert (a list of E ints); h: the hidden units they run; mask (n, H): a soft
-        prefix mask (only while a policy is being fitted). Returns (n, C)."""
+        prefix mask (only while a policy is being fitted, when h = H). Returns (n, C)."""
         # F.grouped_mm is not on autocast's list of ops: cast as autocast would cast a matmul
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -296,7 +297,7 @@ class SlimmableExperts(nn.Module):
 # 5. The MoSE layer: dropless, sort-based dispatch
 
 
-class MoEOutput(NamedTuple):
+class MoSEOutput(NamedTuple):
     """What one MoSE layer hands back up to GPT.forward."""
     y: torch.Tensor            # (B, T, C) the layer's output
     routing: Routing           # the router's decisions and losses
@@ -315,55 +316,56 @@ class MoSELayer(nn.Module):
         self.router = Router(config)
         self.experts = SlimmableExperts(config)
         self.dropout = nn.Dropout(config.dropout)
-        self.use_fast = True               # decode with fast.py's path (GPT.set_fast)
+        self.use_fast = True               # decode with fast_decode.py's path (GPT.set_fast)
 
-    def forward(self, x, width=1.0, k=2, k_pool=None, top_p=None):
+    def forward(self, x, width=1.0, k=2, k_pool=None, route_top_p=None, fitting=False):
         B, T, C = x.shape
         x = x.reshape(B * T, C)                                            # (N, C)
         if self.use_fast and not torch.is_grad_enabled() and B * T * k <= self.router.n_exp:
             # a handful of pairs without autograd: what decoding a token with the KV cache looks like
-            r, _, h = self.route(x, width, k, top_p=top_p)
-            y = fast.decode_moe(self.experts, x, r.expert_idx, r.gates, h)   # (N, C)
+            r, _, h = self.route(x, width, k, route_top_p=route_top_p)
+            y = fast_decode.decode_moe(self.experts, x, r.expert_idx, r.gates, h)   # (N, C)
         else:
-            r, widths, h = self.route(x, width, k, k_pool, top_p)
-            # a policy's widths carry a gradient only while its parameter is being fitted (dials.fit_ttt's
-            # gamma): then every pair runs at full width and a differentiable prefix mask slims it
-            soft_mask = prefix_mask(widths, h, self.experts.hidden) if widths is not None and widths.requires_grad \
-                else None                                                  # (N, k, H)
+            r, widths, h = self.route(x, width, k, k_pool, route_top_p)
+            # fitting a policy's parameter (dials.fit_ttt's gamma): every pair runs at full width, behind a
+            # differentiable prefix mask that gives the loss a gradient in the widths. It costs full-width FLOPs
+            # in wall time; the FLOPs counted (spent, below) are those of the hard widths h, as without it
+            soft_mask = prefix_mask(widths, h, self.experts.H) if fitting and widths is not None else None
             y = self.dispatch(x, r.expert_idx, r.gates, h, soft_mask=soft_mask)   # (N, C)
         spent = pair_flops(C, h.sum(dim=1).float())                        # (N,) expert FLOPs of each token
-        return MoEOutput(self.dropout(y).view(B, T, C), r, h, spent)
+        return MoSEOutput(self.dropout(y).view(B, T, C), r, h, spent)
 
-    def route(self, x, width, k, k_pool=None, top_p=None):
+    def route(self, x, width, k, k_pool=None, route_top_p=None):
         """x (N, C) -> the router's choices, the policy's widths (N, k; None for one width for all) and the hidden
         units each (token, expert) pair runs, h (N, k). The policy reads the gates but never trains the router."""
-        r = self.router(x, k, k_pool, top_p)
+        r = self.router(x, k, k_pool, route_top_p)
         widths = None
         if isinstance(width, WidthPolicy):
             widths = width(r.gates.detach(), self.moe_index)               # (N, k)
-            h = self.experts.h(widths.detach())                            # (N, k)
+            h = self.experts.hidden_units(widths.detach())                 # (N, k)
         else:
-            h = torch.full_like(r.expert_idx, self.experts.h(width))       # (N, k) one width for all
+            h = torch.full_like(r.expert_idx, self.experts.hidden_units(width))   # (N, k) one width for all
         if r.used is not None:             # top-p routing: an unused pair has no hidden units, runs nothing
             h = h * r.used
         return r, widths, h
 
     def dispatch(self, x, expert_idx, gates, h, soft_mask=None):
-        """x (N, C); expert_idx, gates, h (N, k): each pair's expert, gate and hidden units. Returns (N, C)."""
+        """x (N, C); expert_idx, gates, h (N, k): each pair's expert, gate and hidden units; soft_mask (N, k, H):
+        only while a policy is being fitted (forward's fitting). Returns (N, C)."""
         N, k = expert_idx.shape
-        E, H = self.experts.c_fc.size(0), self.experts.hidden
+        E, H = self.experts.c_fc.size(0), self.experts.H
         # 1. one row per (token, expert) pair
         token = torch.arange(N, device=x.device).repeat_interleave(k)      # (N*k,)
-        expert, units, gate = expert_idx.flatten(), h.flatten(), gates.flatten()
+        expert, h, gate = expert_idx.flatten(), h.flatten(), gates.flatten()   # (N*k,) each
         if soft_mask is not None:          # a policy being fitted: every pair at full width, the mask slims
-            units = torch.where(units > 0, H, 0)
-        # 2. sort the pairs by (hidden units, expert): each width's rows are contiguous, within a width each
-        #    expert's, so one grouped matmul pair runs a width on all its experts
-        key = units * E + expert                                           # (N*k,)
+            h = torch.where(h > 0, H, 0)
+        # 2. sort the pairs by (h, expert): each width's rows are contiguous, within a width each expert's, so
+        #    one grouped matmul pair runs a width on all its experts
+        key = h * E + expert                                               # (N*k,)
         order = key.argsort(stable=True)                                   # (N*k,)
-        counts = torch.bincount(key, minlength=(H + 1) * E).view(H + 1, E)  # (H+1, E) pairs per (units, expert)
-        hs = counts.sum(dim=1).nonzero().flatten()                         # the distinct hidden-unit counts
-        plan = list(zip(hs.tolist(), counts[hs].tolist()))                 # [(h, rows per expert)]: one host sync
+        counts = torch.bincount(key, minlength=(H + 1) * E).view(H + 1, E)  # (H+1, E) pairs per (h, expert)
+        distinct = counts.sum(dim=1).nonzero().flatten()                   # the distinct values of h
+        plan = list(zip(distinct.tolist(), counts[distinct].tolist()))     # [(h, rows per expert)]: one host sync
         # pairs that top-p routing left out have h = 0 and sort first: skip them
         skip = sum(plan.pop(0)[1]) if plan[0][0] == 0 else 0
         order = order[skip:]
@@ -373,21 +375,21 @@ class MoSELayer(nn.Module):
         # 3. run each width on all its experts
         sizes = [sum(c) for _, c in plan]
         masks = mask.split(sizes) if mask is not None else [None] * len(plan)
-        y = torch.cat([self.experts(r, e, c, units_b, m) for (units_b, c), r, e, m in
+        y = torch.cat([self.experts(r, e, c, h, m) for (h, c), r, e, m in
                        zip(plan, rows.split(sizes), expert.split(sizes), masks)])   # (pairs, C)
         # 4. combine: add each row back to its token, weighted by its gate
         y = y * gate[:, None].to(y.dtype)
         return torch.zeros(N, x.size(1), dtype=y.dtype, device=x.device).index_add_(0, token, y)
 
 
-def prefix_mask(widths, h, full, tau=None):
+def prefix_mask(widths, h, H, tau=None):
     """Differentiable stand-in for 'keep the first h(w) hidden units', used only while fitting a policy.
     Forward: exactly the hard prefix mask (so the loss is the true loss at those widths). Backward: the
-    gradient of a sigmoid ramp of temperature tau hidden units around w * full (straight-through)."""
-    tau = tau or max(1.0, 0.025 * full)   # a few units: the gradient sees the units near the edge, not the row
-    units = torch.arange(full, device=widths.device, dtype=widths.dtype) + 0.5       # (H,) unit centres
-    hard = (units < h[..., None]).to(widths.dtype)                                   # (N, k, H)
-    soft = torch.sigmoid((widths[..., None] * full - units) / tau)                   # (N, k, H)
+    gradient of a sigmoid ramp of temperature tau hidden units around w * H (straight-through)."""
+    tau = tau or max(1.0, 0.025 * H)   # a few units: the gradient sees the units near the edge, not the row
+    centres = torch.arange(H, device=widths.device, dtype=widths.dtype) + 0.5        # (H,) unit centres
+    hard = (centres < h[..., None]).to(widths.dtype)                                 # (N, k, H)
+    soft = torch.sigmoid((widths[..., None] * H - centres) / tau)                    # (N, k, H)
     return hard + soft - soft.detach()   # the value of `hard`, the gradient of `soft`
 
 
@@ -421,18 +423,18 @@ class ConfidenceWidth(WidthPolicy):
     """MoSE's router-confidence policy. For a token with selected experts S (|S| = k) and gates p:
 
         q_i = p_i**gamma / sum_{j in S} p_j**gamma          sharpen, renormalise over S
-        w_i = snap( clip(k * Gamma * q_i, w_min, 1) )        share a mean-width budget Gamma
+        w_i = snap( clip(k * Gamma * q_i, w_min, 1) )        share a mean-width target Gamma
 
       gamma  the *sharpness*: 0 = ignore the router, 1 = its gates as they are, large = winner takes all
-      Gamma  the *budget*: the mean width of a token's k experts before clipping and snapping
+      Gamma  the *mean-width target*: the mean width of a token's k experts before clipping and snapping
     Example, gates (0.7, 0.3), Gamma = 0.5: gamma = 1 gives widths (0.70, 0.30); gamma = 2 gives q = (0.84,
     0.16), widths (0.85, 0.16 -> clipped to w_min 0.25), a mean of 0.55. The clip and the snap to `grid` make
-    the spent FLOPs follow Gamma only approximately: dials.fit_budget moves Gamma until they meet a target.
+    the spent FLOPs follow Gamma only approximately: dials.fit_budget moves Gamma until they meet a budget.
     `gamma` is a float, or a tensor with one value per MoE layer (what dials.fit_ttt learns)."""
 
     def __init__(self, gamma=1.0, Gamma=0.5, w_min=0.25, grid=0.05):
         if not Gamma > 0:   # Gamma may exceed 1: after clipping at 1 it takes more to spend a given budget
-            raise ValueError(f"Gamma (the mean-width budget) must be > 0, got {Gamma}")
+            raise ValueError(f"Gamma (the mean-width target) must be > 0, got {Gamma}")
         check_width(w_min, "w_min")
         self.gamma, self.Gamma, self.w_min, self.grid = gamma, float(Gamma), float(w_min), float(grid)
 
@@ -463,13 +465,15 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        # named mlp in every block, as in nanoGPT, where an MoE block holds its MoSE layer: the state-dict keys
+        # (transformer.h.0.mlp.experts.c_fc) stay nanoGPT's, and so do those of every checkpoint saved
         self.mlp = MoSELayer(config, moe_index) if moe_index is not None else MLP(config)
 
-    def forward(self, x, width, k, k_pool, cache=None, top_p=None):
+    def forward(self, x, width, k, k_pool, cache=None, route_top_p=None, fitting=False):
         x = x + self.attn(self.ln_1(x), cache)
         if isinstance(self.mlp, MLP):
             return x + self.mlp(self.ln_2(x)), None
-        moe = self.mlp(self.ln_2(x), width, k, k_pool, top_p)                # MoEOutput
+        moe = self.mlp(self.ln_2(x), width, k, k_pool, route_top_p, fitting)   # MoSEOutput
         return x + moe.y, moe
 
 
@@ -492,7 +496,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, m) for m in moe_index]),
+            h=nn.ModuleList([Block(config, m) for m in moe_index]),   # the blocks (nanoGPT's name; not an h(w))
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -514,7 +518,7 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
 
     def set_fast(self, on=True):
-        """fast.py's decoding path on (the default) or off (only the plain code of this file runs)."""
+        """fast_decode.py's path on (the default) or off (only the plain code of this file runs)."""
         for m in self.modules():
             if isinstance(m, MoSELayer):
                 m.use_fast = on
@@ -551,13 +555,15 @@ class GPT(nn.Module):
                 raise ValueError(f"k_exp must be an integer in [1, n_exp={cfg.n_exp}], got {k}")
         return widths, ks
 
-    def forward(self, idx, targets=None, width=None, k_exp=None, k_pool=None, kv_cache=None, top_p=None):
-        """idx, targets: (B, T) token ids. The compute dials: width and k_exp (see resolve_dials); top_p,
+    def forward(self, idx, targets=None, width=None, k_exp=None, k_pool=None, kv_cache=None, route_top_p=None,
+                fitting=False):
+        """idx, targets: (B, T) token ids. The compute dials: width and k_exp (see resolve_dials); route_top_p,
         Matryoshka MoE's top-p routing (each token takes its most probable experts until their mass reaches
-        top_p, at most k_exp). k_pool: Elastic MoE's co-activation pool (training). kv_cache: new_kv_cache().
-        stats: expert_flops and flops_per_token (spent, mean per token), mean_width of the pairs that ran, and
-        per MoE layer: load, experts_per_token, and for every (token, expert) pair (B, T, k) its expert and the
-        width it ran at, h/H (the rounding of h(w) included; 0 = not run)."""
+        route_top_p, at most k_exp). k_pool: Elastic MoE's co-activation pool (training). kv_cache: new_kv_cache().
+        fitting: dials.fit_ttt is fitting a policy's gamma (every pair at full width behind a soft mask: MoSELayer).
+        stats: expert_flops and flops_per_token (spent, mean per token), mean_width of the pairs that ran, and per
+        MoE layer: load, experts_per_token, and for every (token, expert) pair (B, T, k) its expert and ran_width,
+        the width it ran at, h/H (the rounding of h(w) included, so not quite the width asked for; 0 = not run)."""
         B, T = idx.size()
         past = kv_cache[0].get("n", 0) if kv_cache else 0                 # positions already in the cache
         if past + T > self.config.block_size:
@@ -565,24 +571,24 @@ class GPT(nn.Module):
         widths, ks = self.resolve_dials(width, k_exp)
         if k_pool is not None and not 1 <= k_pool <= self.config.n_exp:
             raise ValueError(f"k_pool must be in [1, n_exp={self.config.n_exp}], got {k_pool}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p is a probability mass in (0, 1], got {top_p}")
+        if route_top_p is not None and not 0 < route_top_p <= 1:
+            raise ValueError(f"route_top_p is a probability mass in (0, 1], got {route_top_p}")
         pos_emb = self.transformer.wpe.weight[past:past + T]              # (T, C) positions past .. past+T-1
         x = self.transformer.drop(self.transformer.wte(idx) + pos_emb)   # (B, T, C)
         router_loss = x.new_zeros((), dtype=torch.float32)
         spent = torch.zeros(B * T, device=idx.device)                     # (B*T,) expert FLOPs per token
-        stats = dict(load=[], experts_per_token=[], widths=[], experts=[])
+        stats = dict(load=[], experts_per_token=[], ran_width=[], experts=[])
         for i, block in enumerate(self.transformer.h):
             m = block.mlp.moe_index if isinstance(block.mlp, MoSELayer) else None
             x, moe = block(x, widths[m] if m is not None else None, ks[m] if m is not None else None,
-                           k_pool, kv_cache[i] if kv_cache is not None else None, top_p)
+                           k_pool, kv_cache[i] if kv_cache is not None else None, route_top_p, fitting)
             if moe is not None:
                 router_loss = router_loss + moe.routing.loss
                 spent = spent + moe.spent
                 stats["load"].append(moe.routing.load)
-                stats["experts_per_token"].append((moe.h > 0).sum(dim=1).float().mean().item() if top_p
+                stats["experts_per_token"].append((moe.h > 0).sum(dim=1).float().mean().item() if route_top_p
                                                   else float(ks[m]))
-                stats["widths"].append(moe.h.view(B, T, -1).float() / self.config.expert_hidden)   # (B, T, k)
+                stats["ran_width"].append(moe.h.view(B, T, -1).float() / self.config.expert_hidden)  # (B, T, k)
                 stats["experts"].append(moe.routing.expert_idx.view(B, T, -1))                     # (B, T, k)
         x = self.transformer.ln_f(x)
         if targets is not None:
@@ -593,7 +599,7 @@ class GPT(nn.Module):
             loss = None
         stats["expert_flops"] = spent.mean().detach()
         stats["flops_per_token"] = self.non_expert_flops + stats["expert_flops"]
-        pairs = torch.cat([w.flatten() for w in stats["widths"]]) if stats["widths"] else torch.ones(1)
+        pairs = torch.cat([w.flatten() for w in stats["ran_width"]]) if stats["ran_width"] else torch.ones(1)
         stats["mean_width"] = pairs.sum() / (pairs > 0).sum()          # over the pairs that ran
         return GPTOutput(logits, loss, router_loss, stats)
 
@@ -641,7 +647,7 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, width=None, k_exp=None,
                  use_cache=True, route_top_p=None, trace=None):
         """Sample max_new_tokens after idx (B, T). top_k is token sampling's; the compute dials are width, k_exp
-        and route_top_p (forward's top_p). Each step conditions on a window of the text at positions 0, 1, ...:
+        and route_top_p. Each step conditions on a window of the text at positions 0, 1, ...:
         first the prompt's last block_size tokens, then one more token a step until the window would outgrow
         block_size, when it restarts from its last block_size // 2 tokens. So every token is predicted from
         block_size // 2 to block_size tokens (fewer only after a short prompt). With use_cache a step computes only
@@ -649,7 +655,7 @@ class GPT(nn.Module):
         recomputes the whole window every step, the reference the cache is tested against. trace: a list that
         receives each step's stats. Returns (idx, the mean over the steps of the FLOPs per token each step's
         forward spent; a refill is one step, at the mean of the tokens it re-read)."""
-        block, dials = self.config.block_size, dict(width=width, k_exp=k_exp, top_p=route_top_p)
+        block, dials = self.config.block_size, dict(width=width, k_exp=k_exp, route_top_p=route_top_p)
         start, cache, flops = max(0, idx.size(1) - block), None, []
         with without_onednn(idx.device.type == "cpu" and not torch.is_autocast_enabled("cpu")):
             for _ in range(max_new_tokens):

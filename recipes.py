@@ -26,8 +26,8 @@ Experts per token (k_sampling, Matryoshka MoE) add no pass, they change what eac
   capacity      each MoE layer its own k, P(k) proportional to k^(1 / k_tau): larger k more often
   step          one k for every layer
   micro         one k per micro-batch
-  top_p         each token takes experts by probability until their mass reaches top_p (the router decides,
-                at least 1, at most k_max; the paper: top_p 0.1 of 96 experts)
+  top_p         each token takes experts by probability until their mass reaches route_top_p (the router
+                decides, at least 1, at most k_max; the paper: a mass of 0.1 of 96 experts)
 
 Elastic MoE's co-activation sampling (k_pool: k experts drawn from a token's top-k_pool) happens inside the
 router's forward, so it lives in model.py (Router.coactivation_sample); train.py passes k_pool to every pass.
@@ -62,7 +62,7 @@ class Recipe:
     k_min: int
     k_max: int                # k_exp where the config says 0
     k_tau: float
-    top_p: float
+    route_top_p: float
     k_pool: int
     seed: int
     n_exp: int                # the model's
@@ -84,7 +84,7 @@ class Recipe:
     def __post_init__(self):
         for key, ok, what in (("p_full", 0 <= self.p_full <= 1, "a probability in [0, 1]"),
                               ("width_grid", 0 <= self.width_grid <= 1, "in [0, 1] (0 = continuous)"),
-                              ("top_p", 0 < self.top_p <= 1, "a probability mass in (0, 1]"),
+                              ("route_top_p", 0 < self.route_top_p <= 1, "a probability mass in (0, 1]"),
                               ("k_tau", self.k_tau > 0, "> 0"), ("k_min", self.k_min >= 1, ">= 1"),
                               *((k, getattr(self, k) >= 0, ">= 0") for k in ("k_max", "k_pool", "n_random_widths",
                                                                              "distill_weight"))):

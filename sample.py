@@ -17,8 +17,9 @@ meet it: uniform takes width = budget, confidence fits Gamma on calibration text
 training split, a fixed seed), ttt first learns gamma there (test-time training) and then fits Gamma, search
 tries gammas there with Gamma refitted to the budget at each, width_top_p searches a uniform width with the
 top-p routing that meets the budget there (MoSE's best points, at about 30-45 % of the expert FLOPs).
-Without --budget, --width is the uniform width, or under the confidence policy its Gamma: the mean-width budget
-that the router's gates share out (ConfidenceWidth in model.py), not a width any expert runs at. After each
+Without --budget, --width is the uniform width, or under the confidence policy its Gamma: the mean-width target
+that the router's gates share out (ConfidenceWidth in model.py), not a width any expert runs at. bench_flops.py
+takes the same dial flags (dials.check_dial_flags checks them for both) for one more operating point. After each
 sample it prints the FLOPs per token the model actually spent and the tokens per second.
 
 Where the compute goes (show_widths.py): --show_widths prints the text (prompt included) with each token
@@ -41,8 +42,7 @@ import torch
 
 from configurator import configure, fail, setup_device
 from checkpoint import check_tokenizer, load_checkpoint
-from dials import POLICIES, calibration_batches, make_policy
-from model import check_width
+from dials import calibration_batches, check_dial_flags, check_route_top_p, make_policy
 from prepare_data import gpt2_encoding
 
 # -----------------------------------------------------------------------------
@@ -59,7 +59,7 @@ compile = False
 use_cache = True          # KV cache: keys/values of earlier positions are kept between steps
 # the compute dials
 width = (1.0,)            # uniform: the width, or one per MoE layer (--width=0.5,1.0); confidence policy:
-                          # Gamma, the mean-width budget its gates share out (not a width); without --budget
+                          # Gamma, the mean-width target its gates share out (not a width); without --budget
 k_exp = (0,)              # experts per token, or one per MoE layer (--k_exp=1,2); 0 = the checkpoint's training value
 policy = "uniform"        # uniform | confidence | ttt | search (gamma searched) | allocate (a width per MoE layer)
                           # | width_top_p (a width and route_top_p, fitted together)
@@ -82,36 +82,13 @@ color_by = "mean"         # a token's width: 'mean' of its experts' widths, or '
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
-# check every dial before any work, so a typo costs nothing (the messages match model.make_policy's)
+# check every dial before any work, so a typo costs nothing (bench_flops.py checks its dial flags alike)
 try:
-    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in width) or \
-            not all(isinstance(k, int) and not isinstance(k, bool) for k in k_exp):
-        raise ValueError("--width takes numbers in (0, 1] and --k_exp integers: one value for every MoE layer or "
-                         "one per MoE layer, e.g. --width=0.5,1.0 --k_exp=1,2")
-    for w in width:
-        check_width(float(w))
-    width = float(width[0]) if len(width) == 1 else [float(w) for w in width]   # per layer: checked below
-    if isinstance(width, list) and policy != "uniform":
-        raise ValueError(f"one width per MoE layer is a uniform dial; policy '{policy}' takes a single --width")
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got '{policy}'")
-    if budget and not 0 < budget <= 1:
-        raise ValueError(f"budget must be in (0, 1] (a fraction of full-width expert FLOPs), got {budget}")
-    fitted = {"ttt": "learns gamma", "search": "searches gamma", "allocate": "allocates widths to layers",
-              "width_top_p": "fits a width and route_top_p"}
-    if policy in fitted and not budget:
-        raise ValueError(f"policy '{policy}' {fitted[policy]} for a FLOPs budget: pass --budget in (0, 1]")
-    if budget and width != 1.0:   # both would set the compute; silently preferring one hides a mistake
-        raise ValueError("--width and --budget both set the compute: give one of them")
-    if not 0 <= route_top_p <= 1:
-        raise ValueError(f"route_top_p is a probability mass in (0, 1] (0 = off), got {route_top_p}")
+    width = check_dial_flags(width, k_exp, policy, budget, gamma, w_min)   # a float, or one per MoE layer
+    if route_top_p:   # 0 = off
+        check_route_top_p(route_top_p)
     if policy == "width_top_p" and route_top_p:
         raise ValueError("policy 'width_top_p' fits route_top_p to the budget itself: drop --route_top_p")
-    if min(k_exp) < 0:
-        raise ValueError(f"k_exp must be >= 1, or 0 for the checkpoint's training value; got {min(k_exp)}")
-    check_width(w_min, "w_min")
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0 (0 = every expert gets the same width), got {gamma}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if top_k < 0 or max_new_tokens < 1 or num_samples < 0:
@@ -234,17 +211,17 @@ if cfg.n_exp:
                f"in {time.time() - t0:.1f}s")
     elif budget:
         how = f", width = budget {budget:g}"
-full = model.flops_breakdown(1.0)          # the reference: every expert at full width, training k_exp
-full_k = model.flops_breakdown(1.0, k)     # the expert budget's reference: full width at the k_exp used
+full_flops = model.flops_breakdown(1.0)    # the reference: every expert at full width, training k_exp
+full_flops_k = model.flops_breakdown(1.0, k)  # the expert budget's reference: full width at the k_exp used
 at_k = "" if k in (None, cfg.k_exp) else f" at k_exp={cfg.k_exp}"
 if cfg.n_exp:
     kind = "width " if isinstance(dial, float) else "widths per MoE layer " if isinstance(dial, list) else ""
     routing = f", top-p routing {route_top_p:g} (at most k_exp experts)" if route_top_p else ""
     point = f"policy {policy}, {kind}{dial!r}, k_exp {k}{routing}{how}"
-    ref = f"full width{at_k}: {full['total'] / 1e6:.3f} MFLOPs/token ({full['experts'] / 1e6:.3f} in the experts" + \
-        (f"; {full_k['experts'] / 1e6:.3f} at k_exp={k}" if at_k else "") + ")"
+    ref = f"full width{at_k}: {full_flops['total'] / 1e6:.3f} MFLOPs/token ({full_flops['experts'] / 1e6:.3f} in " \
+        f"the experts" + (f"; {full_flops_k['experts'] / 1e6:.3f} at k_exp={k}" if at_k else "") + ")"
 else:
-    point, ref = "dense GPT (no dials)", f"{full['total'] / 1e6:.3f} MFLOPs/token"
+    point, ref = "dense GPT (no dials)", f"{full_flops['total'] / 1e6:.3f} MFLOPs/token"
 print(f"operating point: {point}; {ref}")
 if compile:
     model.compile()   # compiles forward in place: generate() calls it through self(...)
@@ -280,11 +257,11 @@ with torch.no_grad(), ctx:
             print(decode(y[0].tolist()))
         # generate's stats add the (constant) non-expert FLOPs to what the experts spent, so subtract them back
         if cfg.n_exp:
-            experts = f"; experts {100 * (spent - full_k['non_expert']) / full_k['experts']:.1f} %" + \
+            experts = f"; experts {100 * (spent - full_flops_k['non_expert']) / full_flops_k['experts']:.1f} %" + \
                 (f" at k_exp={k}" if at_k else "")
         else:
             experts = "; dense"
-        spent_line = (f"spent {spent / 1e6:.3f} MFLOPs/token ({100 * spent / full['total']:.1f} % of full width"
+        spent_line = (f"spent {spent / 1e6:.3f} MFLOPs/token ({100 * spent / full_flops['total']:.1f} % of full width"
                       f"{at_k}{experts})")
         print(f"{spent_line}, {max_new_tokens / dt:.1f} tokens/s")
         print("---------------")

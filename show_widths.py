@@ -57,18 +57,18 @@ class Recording:
         it, else one list per MoE layer of its k pairs (expert, width, gate), width = h / H (0: not run, top-p
         routing), gate None where the gates were not kept. row: the batch row."""
         out = [None] * n_tokens
-        if not self.trace or not self.trace[0]["widths"]:
+        if not self.trace or not self.trace[0]["ran_width"]:
             return out                      # a dense model: no widths
-        n_moe = len(self.trace[0]["widths"])
+        n_moe = len(self.trace[0]["ran_width"])
         gates = self.gates if len(self.gates) == n_moe * len(self.trace) else None   # e.g. a compiled model
         length = n_tokens - len(self.trace)   # the sequence length when the first step ran
         for s, stats in enumerate(self.trace):
-            T = stats["widths"][0].size(1)
+            T = stats["ran_width"][0].size(1)
             end = length + s                  # this step read positions end - T .. end - 1
-            widths = [w[row].float().cpu().tolist() for w in stats["widths"]]        # per layer (T, k)
+            widths = [w[row].float().cpu().tolist() for w in stats["ran_width"]]        # per layer (T, k)
             experts = [e[row].cpu().tolist() for e in stats["experts"]]
             if gates:
-                B = stats["widths"][0].size(0)
+                B = stats["ran_width"][0].size(0)
                 g = [x.float().view(B, T, -1)[row].cpu().tolist() for x in gates[s * n_moe:(s + 1) * n_moe]]
             for j in range(0 if s == 0 else T - 1, T):    # the prompt at the first step, then the last position
                 out[end - T + j] = [[(e, w, g[m][j][i] if gates else None)

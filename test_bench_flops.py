@@ -102,14 +102,15 @@ def test_top_p_dial(checkpoints, tmp_path):
     # token takes one expert, so it is the top-1 row
     path = tmp_path / "rows.json"
     p = run("bench_flops.py", f"--out_dir={checkpoints / 'mose'}", f"--compare={checkpoints / 'moe'},{checkpoints / 'dense'}",
-            "--quick=True", "--eval_tokens=4096", "--ttt_budgets=()", "--conf_budgets=()", "--top_ps=(0.01,1.0)",
-            "--top_p_k=2", f"--json={path}")
+            "--quick=True", "--eval_tokens=4096", "--ttt_budgets=()", "--conf_budgets=()", "--route_top_p=0.01,1",
+            "--route_top_p_k=2", f"--json={path}")
     assert p.returncode == 0, p.stderr[-2000:]
     rows = json.load(open(path))
     assert not [r for r in rows if r["model"] == "dense" and r["policy"] == "top_p"]
     for name in ("mose", "moe"):
         for w in (1.0, 0.5):   # full width and the quick grid's width
-            top = {r["top_p"]: r for r in rows if r["model"] == name and r["policy"] == "top_p" and r["width"] == w}
+            top = {r["route_top_p"]: r for r in rows if r["model"] == name and r["policy"] == "top_p"
+                   and r["width"] == w}
             k = {r["k_exp"]: r for r in rows if r["model"] == name and r["policy"] == "uniform" and r["width"] == w}
             assert set(top) == {0.01, 1.0} and all(r["k_exp"] == 2 for r in top.values())
             for p_, k_ in ((1.0, 2), (0.01, 1)):
@@ -118,14 +119,38 @@ def test_top_p_dial(checkpoints, tmp_path):
     assert "top_p 0.01" in p.stdout
 
 
+def test_one_operating_point_with_sample_flags(checkpoints, tmp_path):
+    # --policy, --budget, --gamma (and --width, --k_exp) add the one point sample.py runs with the same flags: here
+    # the very point the quick sweep fits (confidence at gamma 2, budget 0.5), so the two rows are equal
+    path = tmp_path / "rows.json"
+    p = run("bench_flops.py", f"--out_dir={checkpoints / 'mose'}", "--quick=True", "--eval_tokens=4096",
+            "--ttt_budgets=()", "--both_budgets=()", "--ttt_batches=2", "--policy=confidence", "--gamma=2",
+            "--budget=0.5", f"--json={path}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in json.load(open(path))
+            if r["policy"] == "confidence"]
+    assert len(rows) == 2 and rows[0] == rows[1] and rows[0]["gamma"] == 2.0 and rows[0]["budget"] == 0.5
+    p = run("bench_flops.py", f"--out_dir={checkpoints / 'mose'}", "--quick=True", "--eval_tokens=4096",
+            "--conf_budgets=()", "--ttt_budgets=()", "--both_budgets=()", "--width=0.5", "--k_exp=1", f"--json={path}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    point = [r for r in json.load(open(path)) if r["policy"] == "per_layer"]
+    assert len(point) == 1 and point[0]["width"] == [0.5] and point[0]["k_exp"] == [1]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--widths=(0.0,)"], "width must be in (0, 1]"),
-    (["--top_ps=(1.5,)"], "top_ps are probability masses in (0, 1], got 1.5"),
-    (["--top_ps=(0.5,)", "--top_p_k=9"], "--top_p_k=9 is more experts than mose has (n_exp=4)"),
+    (["--route_top_p=0.5,1.5"], "route_top_p is a probability mass in (0, 1], got 1.5"),
+    (["--route_top_p=0.5", "--route_top_p_k=9"], "--route_top_p_k=9 is more experts than mose has (n_exp=4)"),
     (["--ttt_budgets=(1.5,)"], "budgets must be in"),
     (["--both_budgets=(1.5,)"], "both_budgets must be in (0, 1]"),
     (["--out_dir=/nonexistent"], "no checkpoint at /nonexistent"),
-    (["--policy=uniform"], "unknown config key 'policy'"),
+    (["--policy=ttt"], "policy 'ttt' learns gamma for a FLOPs budget: pass --budget in (0, 1]"),   # sample.py's
+    (["--policy=bogus"], "policy must be one of uniform, confidence, ttt, search, allocate, width_top_p; got 'bogus'"),
+    (["--width=0.5", "--budget=0.5"], "--width and --budget both set the compute: give one of them"),
+    (["--budget=1.5"], "budget must be in (0, 1] (a fraction of full-width expert FLOPs), got 1.5"),
+    (["--width=0.5,1,1"], "--width has 3 values but mose has 1 MoE layers"),
+    (["--k_exp=9"], "k_exp must be an integer in [1, n_exp=4], got 9"),
+    (["--top_ps=(0.5,)"], "unknown config key 'top_ps'"),
     (["--dtype=float64"], "dtype must be auto, float32, bfloat16, float16; got 'float64'"),
     (["--series=out-a,out-b"], "--series takes 'label:dir,dir;label:dir,...'"),
     (["--series=a:out-x;a:out-y"], "--series has two series labelled 'a'"),
@@ -165,7 +190,7 @@ def test_plot_curve_draws_saved_rows_and_refuses_other_files(checkpoints, tmp_pa
     rows = tmp_path / "rows.json"
     p = run("bench_flops.py", f"--out_dir={checkpoints / 'mose'}", f"--compare={checkpoints / 'moe'},{checkpoints / 'dense'}",
             f"--series=one per size: {checkpoints / 'moe'}", "--quick=True", "--eval_tokens=4096", "--ttt_batches=2",
-            "--top_ps=(0.6,)", f"--json={rows}")
+            "--route_top_p=0.6", f"--json={rows}")
     assert p.returncode == 0, p.stderr[-2000:]
     import plot_curve
     lines = plot_curve.lines_of(json.load(open(rows)), "mose")

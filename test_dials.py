@@ -33,7 +33,7 @@ def test_top_p_router_takes_experts_until_the_mass_reaches_p(p):
     with torch.no_grad():
         router.w_g.weight.normal_(0, 0.3)   # a spread of confidences, so the counts differ between tokens
     x = torch.randn(200, 64)
-    r = router(x, 4, top_p=p)
+    r = router(x, 4, route_top_p=p)
     n = r.used.sum(dim=1)
     assert torch.equal(n, top_p_by_hand(r.probs, p, 4))
     assert (r.used[:, :-1].int() >= r.used[:, 1:].int()).all()            # a prefix of the ranked experts
@@ -64,15 +64,15 @@ def test_top_p_layer_matches_reference_and_spends_only_used_pairs(width):
             out = layer(xx, width, 4, None, 0.6)
             y, r, spent = out.y, out.routing, out.spent
         else:
-            r = layer.router(xx.view(60, 64), 4, top_p=0.6)
-            h = layer.experts.h(torch.full_like(r.gates, width)) * r.used
+            r = layer.router(xx.view(60, 64), 4, route_top_p=0.6)
+            h = layer.experts.hidden_units(torch.full_like(r.gates, width)) * r.used
             y = masked_reference(layer.experts, xx.view(60, 64), r.expert_idx, r.gates, h).view(2, 30, 64)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         results.append([y.detach(), xx.grad] + [p.grad.clone() for p in layer.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # FLOPs: 4 C h for each used pair, nothing for the unused ones
-    h = layer.experts.h(width)
+    h = layer.experts.hidden_units(width)
     torch.testing.assert_close(spent, 4 * 64 * h * r.used.sum(dim=1).float())
 
 
@@ -81,7 +81,7 @@ def test_top_p_model_stats_and_bad_value():
     with torch.no_grad():
         for block in model.transformer.h:
             block.mlp.router.w_g.weight.normal_(0, 0.3)
-    out = model(tokens(), tokens(seed=2), k_exp=4, top_p=0.5)
+    out = model(tokens(), tokens(seed=2), k_exp=4, route_top_p=0.5)
     ept = out.stats["experts_per_token"]
     assert len(ept) == 2 and all(1 <= e < 4 for e in ept)
     # spent expert FLOPs: the mean number of used experts, at full width, summed over the layers
@@ -89,9 +89,9 @@ def test_top_p_model_stats_and_bad_value():
     full = model(tokens(), tokens(seed=2), k_exp=4)
     assert full.stats["experts_per_token"] == [4.0, 4.0]
     assert out.stats["expert_flops"] < full.stats["expert_flops"]
-    torch.testing.assert_close(model(tokens(), k_exp=4, top_p=1.0).logits, model(tokens(), k_exp=4).logits)
-    with pytest.raises(ValueError, match=r"top_p is a probability mass in \(0, 1\], got 1.5"):
-        model(tokens(), top_p=1.5)
+    torch.testing.assert_close(model(tokens(), k_exp=4, route_top_p=1.0).logits, model(tokens(), k_exp=4).logits)
+    with pytest.raises(ValueError, match=r"route_top_p is a probability mass in \(0, 1\], got 1.5"):
+        model(tokens(), route_top_p=1.5)
 
 
 # --- Matryoshka MoE's k_sampling variants in train.py ------------------------------------------------------
@@ -154,7 +154,7 @@ def test_a_k_per_micro_batch(char_data, tmp_path):
 def test_top_p_routing_in_training(char_data, tmp_path):
     # a fresh router is nearly uniform over the 4 experts (p ~ 0.25 each): a mass of 0.28 takes one expert for
     # the more confident tokens and two for the others
-    rows, flops, model = train_rows(char_data, tmp_path, "--k_sampling=top_p", "--top_p=0.28", "--k_max=4",
+    rows, flops, model = train_rows(char_data, tmp_path, "--k_sampling=top_p", "--route_top_p=0.28", "--k_max=4",
                                     steps=20)
     ept = [r["experts_per_token"] for r in rows]
     assert all(r["k"] == 4 and len(e) == 2 and all(1 <= x <= 4 for x in e) for r, e in zip(rows, ept))
@@ -168,7 +168,7 @@ def test_top_p_routing_in_training(char_data, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--k_sampling=capcity"], "k_sampling must be one of none, layer, capacity, step, micro, top_p, got 'capcity'"),
     (["--k_sampling=capacity", "--k_tau=0"], "--k_tau must be > 0, got 0.0"),
-    (["--k_sampling=top_p", "--top_p=1.5"], "--top_p must be a probability mass in (0, 1]"),
+    (["--k_sampling=top_p", "--route_top_p=1.5"], "--route_top_p must be a probability mass in (0, 1]"),
     (["--k_sampling=top_p", "--k_min=2", "--k_max=3"], "leave k_min at 1 and k_pool at 0"),
 ])
 def test_bad_k_sampling_values_are_one_clear_line(char_data, tmp_path, args, message):
@@ -258,7 +258,9 @@ def test_bench_flops_per_layer_row_search_and_allocate(two_layer_ckpt, tmp_path)
     ("sample.py", ["--width=0.5,0"], "width must be in (0, 1], got 0.0"),
     ("sample.py", ["--width=0.5,1.0", "--policy=confidence"], "one width per MoE layer is a uniform dial"),
     ("bench_flops.py", ["--width=0.5,1.0,0.5"], "--width has 3 values but mose has 2 MoE layers"),
-    ("bench_flops.py", ["--k_exp=0,2"], "k_exp must be an integer in [1, n_exp=4], got 0"),
+    ("bench_flops.py", ["--k_exp=1,5"], "k_exp must be an integer in [1, n_exp=4], got 5"),   # sample.py's flags, checks
+    ("bench_flops.py", ["--k_exp=-1,2"], "k_exp must be >= 1, or 0 for the checkpoint's training value; got -1"),
+    ("bench_flops.py", ["--width=0.5,1.0", "--policy=confidence"], "one width per MoE layer is a uniform dial"),
 ])
 def test_bad_per_layer_dials_are_one_clear_line(two_layer_ckpt, script_name, args, message):
     p = script(script_name, f"--out_dir={two_layer_ckpt[0]}", *args)
@@ -325,19 +327,19 @@ def test_allocator_narrows_the_layer_that_costs_least_first():
 def test_width_top_p_meets_the_budget_and_beats_its_two_ends():
     # both dials for one budget: each width on the grid gets the largest top-p that fits the budget; the ends of
     # the search are the uniform width = budget (all k experts) and width = k x budget (about one expert a token)
-    from dials import calibration_loss, expert_flops_fraction, fit_width_top_p, largest_top_p, make_policy
+    from dials import calibration_loss, expert_flops_fraction, fit_width_top_p, largest_route_top_p, make_policy
     model, batches = sharp_router(tiny(moe_stride=1)), calib()
     xs = [x for x, _ in batches]                           # what the fit meets its budget on: all of them
     w, p = fit_width_top_p(model, batches, 0.4)
     assert 0.4 <= w <= 0.8 and (p is None or 0 < p < 1)
-    assert expert_flops_fraction(model, w, xs, top_p=p) <= 0.4 * 1.01                  # meets the budget
+    assert expert_flops_fraction(model, w, xs, route_top_p=p) <= 0.4 * 1.01                  # meets the budget
     if p is not None:   # and is the largest such p: a hair more routes some token to a second expert
-        assert expert_flops_fraction(model, w, xs, top_p=min(p + 2 ** -13, 1.0)) > 0.4 * 1.01
-    best = calibration_loss(model, batches, w, top_p=p)
+        assert expert_flops_fraction(model, w, xs, route_top_p=min(p + 2 ** -13, 1.0)) > 0.4 * 1.01
+    best = calibration_loss(model, batches, w, route_top_p=p)
     assert best <= calibration_loss(model, batches, 0.4) + 1e-12                         # width = budget, all k
-    p8 = largest_top_p(model, 0.8, xs, 0.4 * 1.01)                                      # width = 2 x budget
-    assert expert_flops_fraction(model, 0.8, xs, top_p=1e-6) == pytest.approx(0.4, rel=0.01)   # one expert: 0.8 / 2
-    assert best <= calibration_loss(model, batches, 0.8, top_p=p8) + 1e-12
+    p8 = largest_route_top_p(model, 0.8, xs, 0.4 * 1.01)                                # width = 2 x budget
+    assert expert_flops_fraction(model, 0.8, xs, route_top_p=1e-6) == pytest.approx(0.4, rel=0.01)   # one expert: 0.4
+    assert best <= calibration_loss(model, batches, 0.8, route_top_p=p8) + 1e-12
     assert make_policy(model, "width_top_p", budget=0.4, batches=batches) == (w, p)      # make_policy's way in
     assert model.training                                  # fitted in eval mode, handed back in training mode
     with pytest.raises(ValueError, match="below what w_min=0.25 allows with one expert per token"):
@@ -356,7 +358,7 @@ def test_width_top_p_at_k_1_per_layer_k_and_dense():
     # one k per MoE layer (1 and 2): one expert per token spends 2 / 3 of all k, so widths up to 0.6 / (2 / 3) = 0.9
     # are candidates at budget 0.6; the pick meets the budget
     w, p = fit_width_top_p(model, batches, 0.6, k_exp=[1, 2])
-    assert 0.6 <= w <= 0.9 and expert_flops_fraction(model, w, xs, k_exp=[1, 2], top_p=p) <= 0.6 * 1.01
+    assert 0.6 <= w <= 0.9 and expert_flops_fraction(model, w, xs, k_exp=[1, 2], route_top_p=p) <= 0.6 * 1.01
     with pytest.raises(ValueError, match="width_top_p is a dial of MoE models; this model is dense"):
         fit_width_top_p(tiny(n_exp=0), batches, 0.5)
 

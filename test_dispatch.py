@@ -1,8 +1,8 @@
 """Tests of the dispatch (MoSELayer.dispatch: pairs sorted by width, one grouped matmul pair per width) against
 two slow, obviously-correct references, forward and gradients: every expert at full width on every token with a
 prefix mask (`masked_reference`), and one (token, expert) pair at a time (`pair_by_pair`). Every test runs twice:
-on the plain code of model.py and with fast.py's paths (MoSELayer.use_fast). No timing here: bench_speed.py measures
-the speed. Run: python -m pytest -q test_dispatch.py"""
+on the plain code of model.py and with fast_decode.py's path (MoSELayer.use_fast). No timing here: bench_speed.py
+measures the speed. Run: python -m pytest -q test_dispatch.py"""
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ def masked_reference(experts, x, expert_idx, gates, h):
     mask, weighted by the gates: what the dispatch computes, with no sorting, slicing or grouped kernels."""
     N, k = expert_idx.shape
     out = torch.zeros_like(x)
-    units = torch.arange(experts.hidden, device=x.device)
+    centres = torch.arange(experts.H, device=x.device)
     for e in range(experts.c_fc.size(0)):
         a = x @ experts.c_fc[e]                                            # (N, H)
         if experts.b_fc is not None:
@@ -24,7 +24,7 @@ def masked_reference(experts, x, expert_idx, gates, h):
         a = F.gelu(a)
         for j in range(k):
             chosen = (expert_idx[:, j] == e).to(x.dtype)                   # (N,)
-            keep = (units[None, :] < h[:, j:j + 1]).to(x.dtype)            # (N, H) prefix mask
+            keep = (centres[None, :] < h[:, j:j + 1]).to(x.dtype)            # (N, H) prefix mask
             y = (a * keep) @ experts.c_proj[e]
             if experts.b_proj is not None:
                 y = y + experts.b_proj[e]
@@ -38,13 +38,13 @@ def pair_by_pair(experts, x, expert_idx, gates, h, soft_mask=None):
     for t in range(x.size(0)):
         y = torch.zeros_like(x[t])
         for j in range(expert_idx.size(1)):
-            e, units = expert_idx[t, j].item(), h[t, j].item()
-            if units == 0:                                                 # top-p routing left the pair out
+            e, h_tj = expert_idx[t, j].item(), h[t, j].item()
+            if h_tj == 0:                                                  # top-p routing left the pair out
                 continue
-            units = experts.hidden if soft_mask is not None else units
-            a = x[t] @ experts.c_fc[e, :, :units] + (experts.b_fc[e, :units] if experts.b_fc is not None else 0)
-            a = F.gelu(a) * (soft_mask[t, j, :units] if soft_mask is not None else 1)
-            y = y + gates[t, j] * (a @ experts.c_proj[e, :units] + (experts.b_proj[e] if experts.b_proj is not None
+            h_tj = experts.H if soft_mask is not None else h_tj
+            a = x[t] @ experts.c_fc[e, :, :h_tj] + (experts.b_fc[e, :h_tj] if experts.b_fc is not None else 0)
+            a = F.gelu(a) * (soft_mask[t, j, :h_tj] if soft_mask is not None else 1)
+            y = y + gates[t, j] * (a @ experts.c_proj[e, :h_tj] + (experts.b_proj[e] if experts.b_proj is not None
                                                                      else 0))
         rows.append(y)
     return torch.stack(rows)
@@ -52,7 +52,7 @@ def pair_by_pair(experts, x, expert_idx, gates, h, soft_mask=None):
 
 @pytest.fixture(autouse=True, params=[True, False], ids=["fast", "plain"])
 def fast_paths(request, monkeypatch):
-    """Every test of this file on both paths: layers built by layer_for take fast.py's paths, or not."""
+    """Every test of this file on both paths: layers built by layer_for take fast_decode.py's path, or not."""
     monkeypatch.setattr(MoSELayer, "__init__", lambda self, *a, init=MoSELayer.__init__:
                         init(self, *a) or setattr(self, "use_fast", request.param))
     return request.param
@@ -99,7 +99,7 @@ def run_all(layer, x, expert_idx, gates, h, soft=None):
         layer.zero_grad()
         xx, g = x.clone().requires_grad_(), gates.clone().requires_grad_()
         w = soft.detach().clone().requires_grad_() if soft is not None else None
-        y = fn(xx, g, prefix_mask(w, h, layer.experts.hidden) if w is not None else None)
+        y = fn(xx, g, prefix_mask(w, h, layer.experts.H) if w is not None else None)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         results[name] = [y.detach(), xx.grad, g.grad] + [p.grad.clone() for p in layer.experts.parameters()] + \
                         ([w.grad] if w is not None else [])
@@ -120,7 +120,7 @@ def test_dispatch_matches_both_references(kind, bias, width_multiple):
     layer = layer_for(bias=bias, width_multiple=width_multiple)
     x = torch.randn(48, 32)
     expert_idx, gates = routing(48, 2, 4)
-    h = layer.experts.h(widths_for(kind, gates))
+    h = layer.experts.hidden_units(widths_for(kind, gates))
     assert kind != "random" or h.unique().numel() >= min(30, 64 // width_multiple - 1)   # many distinct widths
     assert_all_close(run_all(layer, x, expert_idx, gates, h), rtol=1e-4, atol=1e-5)
 
@@ -131,7 +131,7 @@ def test_every_k_and_experts_without_tokens(k):
     x = torch.randn(40, 32)
     expert_idx, gates = routing(40, k, 6, only=[0, 2, 3, 5])       # experts 1 and 4 get no token
     assert not ((expert_idx == 1) | (expert_idx == 4)).any()
-    h = layer.experts.h(widths_for("random", gates))
+    h = layer.experts.hidden_units(widths_for("random", gates))
     assert_all_close(run_all(layer, x, expert_idx, gates, h), rtol=1e-4, atol=1e-5)
 
 
@@ -140,7 +140,7 @@ def test_pairs_left_out_run_nothing():
     layer = layer_for(bias=True, width_multiple=4)
     x = torch.randn(30, 32)
     expert_idx, gates = routing(30, 2, 4)
-    h = layer.experts.h(widths_for("random", gates))
+    h = layer.experts.hidden_units(widths_for("random", gates))
     h[::2, 1] = 0
     h[expert_idx == 3] = 0
     assert_all_close(run_all(layer, x, expert_idx, gates, h), rtol=1e-4, atol=1e-5)
@@ -151,7 +151,7 @@ def test_grouped_matmul_and_its_fallback_agree(monkeypatch):
     layer = layer_for(bias=True, width_multiple=4)
     x = torch.randn(48, 32)
     expert_idx, gates = routing(48, 2, 4)
-    h = layer.experts.h(widths_for("random", gates))
+    h = layer.experts.hidden_units(widths_for("random", gates))
     calls = []
     grouped_mm = F.grouped_mm
     monkeypatch.setattr(F, "grouped_mm", lambda *a, **kw: calls.append(1) or grouped_mm(*a, **kw))
@@ -168,7 +168,7 @@ def test_frozen_weights():
     layer = layer_for(bias=True, width_multiple=4)
     x = torch.randn(24, 32)
     expert_idx, gates = routing(24, 2, 4)
-    h = layer.experts.h(widths_for("random", gates))
+    h = layer.experts.hidden_units(widths_for("random", gates))
     ref = run_all(layer, x, expert_idx, gates, h)["pairs"][1]          # input gradient, weights trainable
     layer.zero_grad()
     layer.requires_grad_(False)
@@ -186,7 +186,7 @@ def test_soft_prefix_mask_path(bias):
     x = torch.randn(40, 32)
     expert_idx, gates = routing(40, 2, 4)
     w = widths_for("random", gates)
-    h = layer.experts.h(w)
+    h = layer.experts.hidden_units(w)
     results = run_all(layer, x, expert_idx, gates, h, soft=w)
     assert results["dispatch"][-1].abs().sum() > 0                 # gradient reaches the widths
     assert_all_close(results, rtol=1e-4, atol=1e-5)
@@ -200,7 +200,7 @@ def test_bfloat16_autocast(width_multiple):
     layer = layer_for(bias=True, width_multiple=width_multiple)
     x = torch.randn(48, 32)
     expert_idx, gates = routing(48, 2, 4)
-    h = layer.experts.h(widths_for("confidence", gates))
+    h = layer.experts.hidden_units(widths_for("confidence", gates))
     results = {}
     for name, fn in (("dispatch", layer.dispatch), ("pairs", lambda *a: pair_by_pair(layer.experts, *a))):
         layer.zero_grad()
@@ -219,18 +219,18 @@ def test_bfloat16_autocast(width_multiple):
 
 
 @pytest.mark.parametrize("N", [1, 2])
-@pytest.mark.parametrize("width,top_p", [(1.0, None), (0.25, None), (ConfidenceWidth(2.0, 0.5), None),
+@pytest.mark.parametrize("width,route_top_p", [(1.0, None), (0.25, None), (ConfidenceWidth(2.0, 0.5), None),
                                          (0.5, 0.6), (ConfidenceWidth(1.0, 0.5), 0.6)])
-def test_decoding_a_token_without_autograd(N, width, top_p, fast_paths):
-    # decoding: one or two tokens, no autograd, fewer pairs than experts (fast.decode_moe where fast paths are
+def test_decoding_a_token_without_autograd(N, width, route_top_p, fast_paths):
+    # decoding: one or two tokens, no autograd, fewer pairs than experts (fast_decode.decode_moe where fast paths are
     # on); the same output and FLOPs as with autograd
     layer = layer_for(bias=True, width_multiple=4)
     torch.nn.init.normal_(layer.router.w_g.weight, std=1.0)   # confident gates: the policy's widths differ
     x = torch.randn(1, N, 32)
-    slow = layer(x, width, 2, top_p=top_p)
+    slow = layer(x, width, 2, route_top_p=route_top_p)
     with torch.inference_mode():
-        fast = layer(x, width, 2, top_p=top_p)
-    r = layer.router(x.view(N, 32), 2, top_p=top_p)
+        fast = layer(x, width, 2, route_top_p=route_top_p)
+    r = layer.router(x.view(N, 32), 2, route_top_p=route_top_p)
     ref = pair_by_pair(layer.experts, x.view(N, 32), r.expert_idx, r.gates, slow.h)
     torch.testing.assert_close(fast.y, slow.y.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast.y.view(N, 32), ref.detach(), rtol=1e-4, atol=1e-5)
@@ -239,7 +239,7 @@ def test_decoding_a_token_without_autograd(N, width, top_p, fast_paths):
     calls = []
     with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:   # which path ran
         mp.setattr(layer, "dispatch", lambda *a, **kw: calls.append(1) or MoSELayer.dispatch(layer, *a, **kw))
-        layer(x, width, 2, top_p=top_p)
+        layer(x, width, 2, route_top_p=route_top_p)
     assert bool(calls) != fast_paths
 
 

@@ -44,7 +44,7 @@ def test_dispatch_matches_reference_forward_and_grad(width):
         w = torch.rand(40, 2) * 0.9 + 0.1                                  # a different width per pair
     else:
         w = torch.full((40, 2), width)
-    h = layer.experts.h(w)
+    h = layer.experts.hidden_units(w)
     assert width != "mixed" or h.unique().numel() > 5
     results = []
     for fn in (lambda xx, g: layer.dispatch(xx, r.expert_idx, g, h),
@@ -66,7 +66,7 @@ def test_bfloat16_autocast_path():
     x = torch.randn(40, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         r = layer.router(x, 2)
-        h = layer.experts.h(torch.rand(40, 2) * 0.9 + 0.1)
+        h = layer.experts.hidden_units(torch.rand(40, 2) * 0.9 + 0.1)
         fast = layer.dispatch(x, r.expert_idx, r.gates, h)
         ref = masked_reference(layer.experts, x, r.expert_idx, r.gates, h)
         idx = tokens()
@@ -292,9 +292,9 @@ def test_snapping_never_goes_below_w_min():
         assert w.min() >= w_min and w.max() <= 1
 
 
-def test_a_policy_slices_unless_its_gamma_is_being_fitted(monkeypatch):
-    # outside ttt a policy runs the real, narrower experts even in grad mode; only a gamma that requires grad
-    # switches the dispatch to full width with the differentiable mask
+def test_a_policy_slices_unless_it_is_being_fitted(monkeypatch):
+    # a policy runs the real, narrower experts, in grad mode too, also with a gamma that requires grad; only
+    # fitting=True (dials.fit_ttt) switches the dispatch to full width with the differentiable mask
     model = tiny()
     idx = tokens()
     soft, real = [], MoSELayer.dispatch
@@ -303,14 +303,28 @@ def test_a_policy_slices_unless_its_gamma_is_being_fitted(monkeypatch):
     out = model(idx, idx, width=ConfidenceWidth(2.0, 0.5))
     assert out.loss.requires_grad and soft == [False]
     model(idx, idx, width=ConfidenceWidth(torch.tensor(2.0, requires_grad=True), 0.5))
-    assert soft == [False, True]
+    assert soft == [False, False]
+    model(idx, idx, width=ConfidenceWidth(torch.tensor(2.0, requires_grad=True), 0.5), fitting=True)
+    assert soft == [False, False, True]
+    model(idx, idx, width=0.5, fitting=True)   # a width for all has nothing to fit: the plain dispatch
+    assert soft == [False, False, True, False]
+
+
+def test_fit_ttt_takes_its_sgd_steps_in_the_fitting_mode(monkeypatch):
+    # every SGD step of fit_ttt runs fitting=True (its gradient in gamma comes through the mask); its fits of
+    # Gamma to the budget run the plain forward, whose spent FLOPs are the hard widths'
+    model, seen, real = tiny(), [], GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, *a, fitting=False, **kw:
+                        seen.append(fitting) or real(self, *a, fitting=fitting, **kw))
+    fit_ttt(model, [(tokens(seed=s), tokens(seed=s)) for s in range(3)], 0.5)
+    assert seen.count(True) == 3 and seen.count(False) > 0
 
 
 def test_ttt_path_loss_equals_hard_path_loss():
     model = tiny()
     idx = tokens()
     gamma = torch.tensor(1.5, requires_grad=True)
-    soft = model(idx, idx, width=ConfidenceWidth(gamma, 0.5)).loss
+    soft = model(idx, idx, width=ConfidenceWidth(gamma, 0.5), fitting=True).loss
     hard = model(idx, idx, width=ConfidenceWidth(1.5, 0.5)).loss
     torch.testing.assert_close(soft, hard)
     soft.backward()
@@ -385,7 +399,7 @@ def test_generate_reads_a_window_that_restarts_from_its_last_half(prompt):
     for use_cache, expected in ((False, whole), (True, cached)):
         trace = []
         model.generate(tokens(B=1, T=prompt), 40, use_cache=use_cache, trace=trace)
-        assert [stats["widths"][0].size(1) for stats in trace] == expected
+        assert [stats["ran_width"][0].size(1) for stats in trace] == expected
 
 
 def decode(model, prompt, use_cache, fast, **kw):
@@ -407,7 +421,7 @@ def decode(model, prompt, use_cache, fast, **kw):
                                    dict(width=ConfidenceWidth(2.0, 0.5)), dict(width=0.5, route_top_p=0.6),
                                    dict(width=ConfidenceWidth(4.0, 0.4), route_top_p=0.7, k_exp=3)])
 def test_generate_with_the_cache_matches_the_uncached_reference(B, dials):
-    # past block_size (40 tokens, block 16: three restarts), greedy and sampled, with fast.py's decode path (B = 1
+    # past block_size (40 tokens, block 16: three restarts), greedy and sampled, with fast_decode.py's path (B = 1
     # and k_exp = 1 at B = 3 take it: B * k <= n_exp) and without: the same tokens, the same logits at every step
     model = tiny(block_size=16, moe_stride=1).eval()   # two MoE layers
     prompt = tokens(B=B, T=3)

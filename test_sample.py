@@ -199,7 +199,7 @@ def test_gpt2_tokenizer(ckpts, request):
     (["--start=FILE:/no/such/prompt.txt"], "cannot read the prompt file", "mose"),
     (["--width=0.5", "--budget=0.5"], "--width and --budget both set the compute", "mose"),
     (["--policy=confidence", "--budget=0.5", "--data_dir=/nowhere"], "no /nowhere/tiny/train.bin", "mose"),
-    (["--route_top_p=1.5"], "route_top_p is a probability mass in (0, 1] (0 = off), got 1.5", "mose"),
+    (["--route_top_p=1.5"], "route_top_p is a probability mass in (0, 1], got 1.5", "mose"),
     (["--route_top_p=0.5"], "dense GPT (n_exp=0)", "dense"),
     (["--width=0.5"], "dense GPT (n_exp=0)", "dense"),
     (["--budget=0.5"], "dense GPT (n_exp=0)", "dense"),

@@ -82,12 +82,12 @@ def test_pairs_are_those_of_the_pass_that_read_each_token(use_cache, top_p):
         y, _ = model.generate(prompt, 20, width=policy, use_cache=use_cache, route_top_p=top_p, trace=rec.trace)
     pairs = rec.pairs(y.size(1))
     with torch.no_grad():
-        ref = model(y[:, :-1], y[:, 1:], width=policy, top_p=top_p).stats   # targets: every position's stats
+        ref = model(y[:, :-1], y[:, 1:], width=policy, route_top_p=top_p).stats   # targets: every position's stats
     assert pairs[-1] is None and all(p is not None for p in pairs[:-1])
     for t, p in enumerate(pairs[:-1]):
         for m, layer_pairs in enumerate(p):
             assert [e for e, _, _ in layer_pairs] == ref["experts"][m][0, t].tolist()
-            assert [w for _, w, _ in layer_pairs] == pytest.approx(ref["widths"][m][0, t].tolist())
+            assert [w for _, w, _ in layer_pairs] == pytest.approx(ref["ran_width"][m][0, t].tolist())
             gates = [g for _, _, g in layer_pairs]
             assert sum(gates) == pytest.approx(1, abs=1e-5)
             if top_p:   # a skipped pair has width 0 and gate 0

@@ -29,7 +29,7 @@ from recipes import RandomWidth, Recipe, describe, distill_loss, k_of, sample_k,
 # -----------------------------------------------------------------------------
 # defaults: a small MoSE on character-level Shakespeare, trained with the shipped recipe (random_pair). The main
 # job, config/train_shakespeare_mose.py, adds what a fair comparison needs: experts of 2 * n_embd (two active cost
-# one dense MLP), evaluation at k = 1 and 4, and a compute budget (max_train_flops) instead of a step count
+# one dense MLP), evaluation at k = 1 and 4, and a training compute (max_train_flops) instead of a step count
 # I/O
 out_dir = "out"
 eval_interval = 250
@@ -81,15 +81,15 @@ k_sampling = "none"             # none | Matryoshka MoE's layer | capacity | ste
 k_min = 1
 k_max = 0                       # 0 = k_exp
 k_tau = 2.0                     # capacity: P(k) ∝ k^(1/k_tau); the paper's 2 gives P ∝ sqrt(k)
-top_p = 0.5                     # top_p: a token's experts until their probability mass reaches top_p (<= k_max)
+route_top_p = 0.5               # k_sampling top_p: a token's experts until their probability mass reaches this
 k_pool = 0                      # Elastic MoE co-activation sampling from the top-k_pool; 0 = off
 # evaluation dials
 eval_widths = (1.0, 0.75, 0.5, 0.25)
 eval_k = ()                     # k_exp values to evaluate besides the training one, e.g. (1, 4)
 # AdamW and schedule
 learning_rate = 2e-3            # a small model on few tokens per step takes a large rate
-max_iters = 2000                # the configs give a compute budget instead (max_train_flops): an explicit
-                                # --max_iters on the command line wins over a config's budget
+max_iters = 2000                # the configs give a training compute instead (max_train_flops): an explicit
+                                # --max_iters on the command line wins over a config's max_train_flops
 max_train_flops = 0.0           # > 0: train for this many FLOPs (forward + backward, all passes) instead of
                                 # max_iters; the LR schedule then runs on spent compute (see schedule_clock)
 weight_decay = 0.1
@@ -125,7 +125,7 @@ check_ranges(config, {   # (the recipe's keys are checked by Recipe, below)
 if "max_iters" in command_line and max_train_flops:   # nanoGPT's habit, --max_iters=40 for a quick run, wins
     if "max_train_flops" in command_line:
         fail("--max_iters and --max_train_flops both set the run's length: give one of them")
-    print(f"--max_iters={max_iters} on the command line wins: the config's compute budget (max_train_flops="
+    print(f"--max_iters={max_iters} on the command line wins: the config's training compute (max_train_flops="
           f"{max_train_flops:g}) is not used")
     max_train_flops = 0.0
 if holdout_tokens and holdout_authors:
@@ -260,7 +260,7 @@ try:
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 model.to(device)
-# The schedule's clock. With max_iters it counts steps. With a compute budget (max_train_flops) it counts the
+# The schedule's clock. With max_iters it counts steps. With a training compute (max_train_flops) it counts the
 # FLOPs spent in units of one plain-MoE step (full width, training k, one pass): warmup_iters and the cosine
 # then cover the same compute whatever a step of this recipe costs, so "a MoE at MoSE's compute" is one flag.
 flops_per_moe_step = 3 * model.flops_per_token() * tokens_per_iter   # forward + backward (2x forward)
@@ -273,13 +273,13 @@ def schedule_clock():
 
 
 def finished():
-    # a hair of tolerance: a plain MoE's FLOPs are summed step by step and must end exactly at its budget
+    # a hair of tolerance: a plain MoE's FLOPs are summed step by step and must end exactly at max_train_flops
     return train_flops >= max_train_flops * (1 - 1e-9) if max_train_flops else iter_num >= max_iters
 
 
 if master_process:
     print(f"parameters: {model.get_num_params() / 1e6:.2f}M, forward FLOPs/token at full width: "
-          f"{model.flops_per_token() / 1e6:.2f}M" + (f"; training budget {max_train_flops:.3e} FLOPs = "
+          f"{model.flops_per_token() / 1e6:.2f}M" + (f"; training compute {max_train_flops:.3e} FLOPs = "
           f"{max_iters:.1f} plain-MoE steps" if max_train_flops else ""))
     if describe(recipe):   # what random_pair really draws: snapping skews a uniform draw
         print(describe(recipe))
@@ -307,7 +307,7 @@ if ddp:   # a router left alone by the step's last pass has no gradient there: D
 # the full width needs. With it only the first, widest pass trains the router's weights (the loop switches them)
 router_weights = [m.router.w_g.weight for m in raw_model.modules() if isinstance(m, MoSELayer)] \
     if recipe.detach_router else []
-route_top_p = top_p if recipe.k_sampling == "top_p" else None   # forward's top_p: routing by probability mass
+route_top_p = route_top_p if recipe.k_sampling == "top_p" else None   # forward's: None, unless k_sampling is top_p
 
 
 def get_lr(it):
@@ -386,7 +386,7 @@ def replay(widths, ks, batches):
             mb = micro_step * ddp_world_size + ddp_rank
             with ctx:
                 raw_model(X, Y, width=width_of(recipe, width, iter_num, mb) if n_exp else None,
-                          k_exp=k_of(recipe, ks, mb), k_pool=recipe.k_pool or None, top_p=route_top_p)
+                          k_exp=k_of(recipe, ks, mb), k_pool=recipe.k_pool or None, route_top_p=route_top_p)
             yield width
 
 
@@ -433,7 +433,7 @@ while True:
                 model.require_backward_grad_sync = sync_now
             with ctx:
                 out = model(X, Y, width=width_of(recipe, width, iter_num, mb) if n_exp else None,
-                            k_exp=k_of(recipe, ks, mb), k_pool=recipe.k_pool or None, top_p=route_top_p)
+                            k_exp=k_of(recipe, ks, mb), k_pool=recipe.k_pool or None, route_top_p=route_top_p)
                 loss = out.loss + out.router_loss
                 if teacher is not None:   # in-place distillation: learn the widest width's predictions too
                     loss = loss + recipe.distill_weight * distill_loss(out.logits, teacher)
@@ -456,7 +456,7 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    if ddp:   # every rank must agree on the spent compute: the budget decides when all of them stop
+    if ddp:   # every rank must agree on the spent compute: max_train_flops decides when all of them stop
         summed = torch.tensor(step_flops, dtype=torch.float64, device=device)
         torch.distributed.all_reduce(summed)
         step_flops = summed.item()

@@ -25,13 +25,13 @@ def decode_moe(experts, x, expert_idx, gates, h):
     rows = []
     for n, (experts_n, gates_n, h_n) in enumerate(zip(expert_idx.tolist(), gates.tolist(), h.tolist())):
         y_n = None
-        for e, gate, u in zip(experts_n, gates_n, h_n):
-            if not u:
+        for e, gate, h_e in zip(experts_n, gates_n, h_n):             # h_e: this pair's h
+            if not h_e:
                 continue
-            a = x[n:n + 1] @ experts.c_fc[e, :, :u]                    # (1, u): SlimmableExperts' formula
+            a = x[n:n + 1] @ experts.c_fc[e, :, :h_e]                  # (1, h_e): SlimmableExperts' formula
             if experts.b_fc is not None:                               # for one row (in place: no autograd)
-                a += experts.b_fc[e, :u]
-            y_e = F.gelu(a) @ experts.c_proj[e, :u, :]                 # (1, C)
+                a += experts.b_fc[e, :h_e]
+            y_e = F.gelu(a) @ experts.c_proj[e, :h_e, :]               # (1, C)
             if experts.b_proj is not None:
                 y_e += experts.b_proj[e]
             y_n = y_e.mul_(gate) if y_n is None else y_n.add_(y_e, alpha=gate)
