@@ -4,9 +4,9 @@ The one speed path that earns its lines: decoding a token. model.py's dispatch s
 overhead, not by arithmetic. decode_moe runs a token's k pairs one by one instead, from the routing read back to
 the host once. model.py takes it where `MoSELayer.use_fast` is on (the default; GPT.set_fast(False) runs the plain
 code alone), the way nanoGPT takes flash attention where torch has it; test_dispatch.py holds it to the plain
-code. `python bench_speed.py --parts=fast` measures what it saves end to end (README, RESULTS.md): 1.4-1.6x the
-tokens/s of the Shakespeare model on a CPU. Training runs the plain dispatch: a written-out backward saved 7 %
-of a random_pair step (OpenWebText-small, CPU), under the 10 % that would pay for its 100 lines, and was dropped.
+code. `python bench_speed.py --parts=fast` measures what it saves: 1.3-1.4x the tokens/s of the Shakespeare model
+over sample.py's 500 tokens on a CPU. Training runs the plain dispatch: a written-out backward saved 7 % of a
+random_pair step (OpenWebText-small, CPU), under the 10 % that would pay for its 100 lines, and was dropped.
 """
 
 import torch

@@ -209,9 +209,8 @@ class Router(nn.Module):
 
 
 def hidden_units(width, H, multiple=1):
-    """h(w): the number of leading hidden units an expert of H units runs at width w, rounded to the nearest
-    multiple of `multiple`, at least one multiple and at most H. Takes a float or a tensor of widths, with the
-    same float32 rounding for both."""
+    """h(w): the leading hidden units an expert of H runs at width w, rounded to the nearest multiple of `multiple`,
+    at least one multiple, at most H. A float or a tensor of widths, with the same float32 rounding for both."""
     if not isinstance(width, torch.Tensor):
         h = np.round(np.float32(width) * np.float32(H) / np.float32(multiple))   # half to even, as torch
         return int(min(max(h * multiple, multiple), H))
@@ -267,9 +266,8 @@ class SlimmableExperts(nn.Module):
         return hidden_units(width, self.H, self.multiple)
 
     def forward(self, x, expert, counts, h, mask=None):
-        """Rows of one width, every expert at once. x (n, C): rows sorted by expert; expert (n,): each row's
-        expert; counts: rows per expert (a list of E ints); h: the hidden units they run; mask (n, H): a soft
-        prefix mask (only while a policy is being fitted, when h = H). Returns (n, C)."""
+        """Rows of one width, every expert at once. x (n, C): rows sorted by expert; expert (n,): each row's expert;
+        counts: rows per expert (E ints); h: the hidden units they run; mask (n, H): fitting's soft mask (h = H)."""
         # F.grouped_mm is not on autocast's list of ops: cast as autocast would cast a matmul
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -327,9 +325,8 @@ class MoSELayer(nn.Module):
             y = fast_decode.decode_moe(self.experts, x, r.expert_idx, r.gates, h)   # (N, C)
         else:
             r, widths, h = self.route(x, width, k, k_pool, route_top_p)
-            # fitting a policy's parameter (dials.fit_ttt's gamma): every pair runs at full width, behind a
-            # differentiable prefix mask that gives the loss a gradient in the widths. It costs full-width FLOPs
-            # in wall time; the FLOPs counted (spent, below) are those of the hard widths h, as without it
+            # fitting (dials.fit_ttt): every pair runs at full width behind a differentiable prefix mask, so the loss
+            # has a gradient in the widths; wall time is full width's, while spent (below) counts the hard widths' FLOPs
             soft_mask = prefix_mask(widths, h, self.experts.H) if fitting and widths is not None else None
             y = self.dispatch(x, r.expert_idx, r.gates, h, soft_mask=soft_mask)   # (N, C)
         spent = pair_flops(C, h.sum(dim=1).float())                        # (N,) expert FLOPs of each token
@@ -350,8 +347,7 @@ class MoSELayer(nn.Module):
         return r, widths, h
 
     def dispatch(self, x, expert_idx, gates, h, soft_mask=None):
-        """x (N, C); expert_idx, gates, h (N, k): each pair's expert, gate and hidden units; soft_mask (N, k, H):
-        only while a policy is being fitted (forward's fitting). Returns (N, C)."""
+        """x (N, C); expert_idx, gates, h (N, k): each pair's expert, gate and h; soft_mask (N, k, H): fitting's."""
         N, k = expert_idx.shape
         E, H = self.experts.c_fc.size(0), self.experts.H
         # 1. one row per (token, expert) pair
@@ -433,7 +429,7 @@ class ConfidenceWidth(WidthPolicy):
     `gamma` is a float, or a tensor with one value per MoE layer (what dials.fit_ttt learns)."""
 
     def __init__(self, gamma=1.0, Gamma=0.5, w_min=0.25, grid=0.05):
-        if not Gamma > 0:   # Gamma may exceed 1: after clipping at 1 it takes more to spend a given budget
+        if not Gamma > 0:   # Gamma may exceed 1: after clipping at 1 it takes more to spend a given fraction
             raise ValueError(f"Gamma (the mean-width target) must be > 0, got {Gamma}")
         check_width(w_min, "w_min")
         self.gamma, self.Gamma, self.w_min, self.grid = gamma, float(Gamma), float(w_min), float(grid)
@@ -465,8 +461,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        # named mlp in every block, as in nanoGPT, where an MoE block holds its MoSE layer: the state-dict keys
-        # (transformer.h.0.mlp.experts.c_fc) stay nanoGPT's, and so do those of every checkpoint saved
+        # 'mlp' as in nanoGPT, also for a MoSE layer: checkpoints' keys (h.0.mlp.experts.c_fc) keep nanoGPT's names
         self.mlp = MoSELayer(config, moe_index) if moe_index is not None else MLP(config)
 
     def forward(self, x, width, k, k_pool, cache=None, route_top_p=None, fitting=False):
@@ -560,7 +555,7 @@ class GPT(nn.Module):
         """idx, targets: (B, T) token ids. The compute dials: width and k_exp (see resolve_dials); route_top_p,
         Matryoshka MoE's top-p routing (each token takes its most probable experts until their mass reaches
         route_top_p, at most k_exp). k_pool: Elastic MoE's co-activation pool (training). kv_cache: new_kv_cache().
-        fitting: dials.fit_ttt is fitting a policy's gamma (every pair at full width behind a soft mask: MoSELayer).
+        fitting: dials.fit_ttt fits a policy's gamma (every pair at full width behind a soft mask: MoSELayer).
         stats: expert_flops and flops_per_token (spent, mean per token), mean_width of the pairs that ran, and per
         MoE layer: load, experts_per_token, and for every (token, expert) pair (B, T, k) its expert and ran_width,
         the width it ran at, h/H (the rounding of h(w) included, so not quite the width asked for; 0 = not run)."""
@@ -646,15 +641,14 @@ class GPT(nn.Module):
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, width=None, k_exp=None,
                  use_cache=True, route_top_p=None, trace=None):
-        """Sample max_new_tokens after idx (B, T). top_k is token sampling's; the compute dials are width, k_exp
-        and route_top_p. Each step conditions on a window of the text at positions 0, 1, ...:
-        first the prompt's last block_size tokens, then one more token a step until the window would outgrow
-        block_size, when it restarts from its last block_size // 2 tokens. So every token is predicted from
-        block_size // 2 to block_size tokens (fewer only after a short prompt). With use_cache a step computes only
-        the new token's keys and values, and a restart refills the cache from the half window; use_cache=False
-        recomputes the whole window every step, the reference the cache is tested against. trace: a list that
-        receives each step's stats. Returns (idx, the mean over the steps of the FLOPs per token each step's
-        forward spent; a refill is one step, at the mean of the tokens it re-read)."""
+        """Sample max_new_tokens after idx (B, T). top_k is token sampling's; the compute dials are width, k_exp and
+        route_top_p. Each step conditions on a window of the text at positions 0, 1, ...: first the prompt's last
+        block_size tokens, then one more token a step until the window would outgrow block_size, when it restarts from
+        its last block_size // 2 tokens. So every token is predicted from block_size // 2 to block_size tokens (fewer
+        only after a short prompt). With use_cache a step computes only the new token's keys and values, and a restart
+        refills the cache from the half window; use_cache=False recomputes the whole window every step, the reference
+        the cache is tested against. trace: a list that receives each step's stats. Returns (idx, the mean over the
+        steps of the FLOPs per token each step's forward spent; a refill is one step, at its tokens' mean)."""
         block, dials = self.config.block_size, dict(width=width, k_exp=k_exp, route_top_p=route_top_p)
         start, cache, flops = max(0, idx.size(1) - block), None, []
         with without_onednn(idx.device.type == "cpu" and not torch.is_autocast_enabled("cpu")):

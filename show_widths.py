@@ -1,7 +1,7 @@
 """
 See where the compute goes: the generated text coloured by the width each token's experts ran at.
 
-    python sample.py --out_dir=out-shakespeare-mose --policy=confidence --budget=0.5 --show_widths=True
+    python sample.py --out_dir=out-shakespeare-mose --policy=confidence --budget=0.5 --show_widths
     python sample.py --out_dir=out-shakespeare-mose --policy=confidence --budget=0.5 --html=widths.html
 
 A MoSE width policy gives every (token, expert) pair its own width (and top-p routing every token its own number
@@ -23,13 +23,13 @@ its (token, expert) pairs that ran there: top-p routing may skip pairs (width 0)
 colour is that mean averaged over the MoE layers, or one MoE layer's (sample.py --width_layer=N); with
 sample.py --color_by=top it is the width of the token's most probable expert instead.
 
-What to expect: the confidence policy (and ttt and search, which fit its gamma) shares a width budget of
+What to expect: the confidence policy (and ttt and search, which fit its gamma) shares a total width of
 k * Gamma among a token's k experts, so a token's mean width stays at Gamma unless w_min or 1 clips a pair (a
 confident router's second expert, clipped up to w_min, makes that token a little wider): its colour changes
 little, while the split between its experts follows the router's confidence (the tooltips show it). Top-p
 routing's savings are pairs that did not run, which a token's width leaves out; the tooltips give each token's
 expert FLOPs, skipped pairs counted as 0. To see the router's confidence under the confidence policy, colour by
-the most probable expert's width (--color_by=top): a sure token gives it most of the budget.
+the most probable expert's width (--color_by=top): a sure token gives it most of the k * Gamma.
 
 The colour scale is absolute, width 0 to 1 (blue, cyan, green, yellow, orange, red: narrow to wide), so pages at
 different operating points compare directly and a uniform width is one colour everywhere; its hue changes every

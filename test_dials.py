@@ -393,10 +393,10 @@ def test_owt_width_grid_and_multiple_are_consistent(size, monkeypatch):
     exec(f"exec(open('config/train_owt_mose_{size}.py').read())", {}, v)
     H, m, grid = v["expert_hidden"], v["width_multiple"], v["width_grid"]
     ws = [v["w_min"] + i * grid for i in range(int(round((1 - v["w_min"]) / grid)) + 1)]
-    hs = [hidden_units(w, H, m) for w in ws]
-    assert len(set(hs)) == len(ws) and hs[-1] == H
-    assert all(abs(h - w * H) <= m / 2 + 1e-6 for w, h in zip(ws, hs))
-    assert max(abs(h - w * H) for w, h in zip(ws, hs)) / H < 0.005
+    h_of = [hidden_units(w, H, m) for w in ws]
+    assert len(set(h_of)) == len(ws) and h_of[-1] == H
+    assert all(abs(h - w * H) <= m / 2 + 1e-6 for w, h in zip(ws, h_of))
+    assert max(abs(h - w * H) for w, h in zip(ws, h_of)) / H < 0.005
     assert H % m == 0 and m % 16 == 0                          # tensor-core aligned
 
 

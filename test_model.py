@@ -365,7 +365,7 @@ def test_kv_cache_is_written_in_place_and_refuses_what_it_cannot_hold():
     cache = model.new_kv_cache()
     model(tokens(B=2, T=10), kv_cache=cache)
     buffer = cache[0]["k"]
-    assert buffer.shape == (2, 2, 16, 32) and cache[0]["n"] == 10   # (B, nh, block_size, hs), 10 filled
+    assert buffer.shape == (2, 2, 16, 32) and cache[0]["n"] == 10   # (B, nh, block_size, head_size), 10 filled
     for t in range(6):
         model(tokens(B=2, T=1, seed=t), kv_cache=cache)
     assert cache[0]["k"] is buffer and cache[0]["n"] == 16              # the same buffer, now full

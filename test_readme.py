@@ -18,7 +18,8 @@ def quick_start_commands():
     text = open(os.path.join(REPO, "README.md")).read()
     section = re.search(r"^## quick start.*?$(.*?)^## ", text, re.S | re.M)
     assert section, "README.md has no '## quick start' section"
-    blocks = re.findall(r"```\n(.*?)```", section.group(1), re.S)
+    # the commands' blocks: fences without a language (```text blocks show what the commands print)
+    blocks = [body for lang, body in re.findall(r"^```(\w*)\n(.*?)^```", section.group(1), re.S | re.M) if not lang]
     return [line.strip() for b in blocks for line in b.splitlines() if line.strip().startswith("python ")]
 
 

@@ -117,8 +117,8 @@ def test_random_width_forward_spends_what_its_widths_say():
     out = model(x, x, width=policy)
     # replay the same draws: both MoE layers, in order, one (N, k) draw each
     replay = RandomWidth(0.5, 0.25, 0.25, torch.Generator().manual_seed(5))
-    units = sum(64 * replay(torch.zeros(96, 2), i) for i in range(2))            # (N, k) hidden units summed
-    assert math.isclose(out.stats["expert_flops"].item(), (4 * 32 * units.sum(dim=1)).mean().item(), rel_tol=1e-6)
+    h = sum(64 * replay(torch.zeros(96, 2), i) for i in range(2))                # (N, k) hidden units summed
+    assert math.isclose(out.stats["expert_flops"].item(), (4 * 32 * h.sum(dim=1)).mean().item(), rel_tol=1e-6)
     assert out.stats["expert_flops"] < model.flops_breakdown()["experts"]
 
 

@@ -8,25 +8,25 @@
 # characters), so choosing a recipe on --split=holdout is choosing it on writers the model never read, as val is;
 # on the shared copy 88,037,371 characters are left to train on.
 #
-# The budget: 8.0e13 FLOPs, twice the Shakespeare job's, each model reading each character at most once. Forward
-# FLOPs per token (vocabulary 211): 1.763M for the MoE at full width, 1.616M for a mean random_pair step (the
+# The training compute: 8.0e13 FLOPs, twice the Shakespeare job's. Forward FLOPs per token (GPT.flops_breakdown,
+# the shared copy's vocabulary of 211): 1.763M for the MoE at full width, 1.616M for a mean random_pair step (the
 # widths' mix, 0.719 of the expert FLOPs), 1.501M for the half-size MoE (expert_hidden=128), 1.759M dense; a step
 # is 32 x 128 = 4,096 tokens and costs 3x its forward:
 #   MoSE (random_pair)      8.0e13 / (3 * 1.616M * 4,096) = 4,030 steps = 16.5M tokens
 #   plain MoE               8.0e13 / (3 * 1.763M * 4,096) = 3,693 steps = 15.1M tokens
 #   half-size MoE (h128)    8.0e13 / (3 * 1.501M * 4,096) = 4,338 steps = 17.8M tokens
 #   dense                   8.0e13 / (3 * 1.759M * 4,096) = 3,702 steps = 15.2M tokens
-# all at most 17.8M <= 88.0M training characters, a fifth of them (train.py draws random windows, so by chance
-# about a tenth of the characters a run reads come twice: 0.2 reads per character on average).
+# all at most 17.8M of the 88.0M training characters: about 0.2 reads per character on average (train.py draws
+# random windows, so a run reads about a fifth of the text, a small part of it twice, most of it never).
 # Time, measured on this project's 2-core AMD EPYC VM, one thread a run, two runs at a time (RESULTS.md, Gutenberg):
-# MoSE 22-25 minutes, the MoE 19.5-22.5, the one-size MoEs 16-18 (0.22-0.37 s a step, evaluations included).
+# MoSE 22-25 minutes, the MoE 19.5-22.5, the one-size MoEs 15.7-17.8 (evaluations included).
 # Why this size: on Shakespeare (1 MB, read about 8 times) a half-size MoE beat the full one at equal compute; on
 # text never repeated the full MoE's extra expert capacity is not spent memorising, and with experts 30 % of the
 # FLOPs the half-size MoE buys only 17 % more steps, so this is where the full MoE was expected to come out ahead.
 # Measured, it does not: at 8e13 FLOPs the h = 192 / 128 / 64 MoEs all beat the full one on validation (1.4485 /
-# 1.4404 / 1.4426 against 1.4542); the models are still learning fast and the budget favours more steps over wider
-# experts. A budget where the full MoE wins does not fit about 30 minutes a run on this CPU; 8e13 is the largest
-# that does, kept for that reason.
+# 1.4404 / 1.4426 against 1.4542); the models are still learning fast and this compute favours more steps over
+# wider experts. A training compute where the full MoE wins does not fit about 30 minutes a run on this CPU; 8e13
+# is the largest that does, kept for that reason.
 exec(open('config/train_shakespeare_mose.py').read())
 out_dir = 'out-gutenberg-mose'
 dataset = 'gutenberg_char'

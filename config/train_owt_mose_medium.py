@@ -1,5 +1,6 @@
 # MoSE "GPT2-Medium" on OpenWebText: 24 layers / 16 heads / 1024 wide, 8 experts, top-2, MoE every other
-# block (1059.3M parameters). Same recipe as config/train_owt_mose_small.py; ~15B tokens.
+# block (1058.3M parameters as train.py counts them, 1059.3M with the position embeddings). Same recipe as
+# config/train_owt_mose_small.py; ~15B tokens.
 exec(open('config/train_owt_mose_small.py').read())
 out_dir = 'out-owt-mose-medium'
 wandb_run_name = 'mose-medium'

@@ -1,6 +1,6 @@
 # MoSE "GPT2-Small" on OpenWebText (the MoSE paper's size names, not GPT-2's: this one is 6 layers / 6 heads /
-# 384 wide, nanoMoE's model), 8 experts, top-2, an MoE layer in every other block (55.1M parameters with a 50304
-# vocabulary). Meant for GPUs:
+# 384 wide, nanoMoE's model), 8 experts, top-2, an MoE layer in every other block (54.7M parameters with a 50304
+# vocabulary, as train.py counts them: without the position embeddings, 55.1M with them). Meant for GPUs:
 # python prepare_data.py openwebtext
 # torchrun --standalone --nproc_per_node=4 train.py config/train_owt_mose_small.py
 out_dir = 'out-owt-mose-small'
@@ -39,7 +39,7 @@ z_loss_weight = 0.001
 # MoSE: the paper's recipe as a secondary source describes it, the full width plus one random width per step,
 # both on the step's batch, widths on the 0.05 grid the paper uses at inference. On Shakespeare, at equal
 # training compute, this recipe lost to the plain MoE and the single-pass 'random_pair' recipe did better
-# (README, "does MoSE pay?"); at this scale neither has been run yet. To try it:
+# (RESULTS.md, "does MoSE pay? the equal-compute runs"); at this scale neither has been run yet. To try it:
 #   --width_sampling=random_pair --p_full=0.25 --width_grid=0.25
 width_sampling = 'max_random'
 width_data = 'same'

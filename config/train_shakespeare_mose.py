@@ -1,5 +1,5 @@
-# MoSE on character-level Tiny Shakespeare: the main job, sized for a laptop CPU (about 15-20 minutes on one core
-# of a laptop-class CPU).
+# MoSE on character-level Tiny Shakespeare: the main job, sized for a CPU (16.5 minutes, 2,063 steps, on one thread
+# of this project's 2-core AMD EPYC VM shared with other runs).
 # python prepare_data.py shakespeare_char && python train.py config/train_shakespeare_mose.py
 out_dir = 'out-shakespeare-mose'
 dataset = 'shakespeare_char'
@@ -25,10 +25,11 @@ expert_hidden = 256              # 2 * n_embd: two active experts cost what one 
 # MoSE, trained in one pass per step: every (token, expert) pair draws its own width, the full width with
 # probability p_full, else uniform in [w_min, 1] on a grid. p_full and the grid were chosen on held-out training
 # text (RESULTS.md, "Choosing the recipe", in "why: the hypotheses and the recipe choice"). The run's length is
-# a compute budget, not a step count: 4.0e13 FLOPs is what 1,000 steps of the MoSE paper's recipe cost here (the
+# a training compute, not a step count: 4.0e13 FLOPs is what 1,000 steps of the MoSE paper's recipe cost here (the
 # full width plus one random width), and what 1,887 steps of the plain MoE cost; these cheaper single passes take
-# about 2,060 steps. The configs of the baselines inherit the budget, so every model of the comparison trains on
-# the same compute. The paper's recipe:
+# about 2,060 steps (GPT.flops_breakdown: 1.726M forward FLOPs per token at full width, 1.578M for a mean
+# random_pair pass). The configs of the baselines inherit it, so every model of the comparison trains on the same
+# compute. The paper's recipe:
 #   --width_sampling=max_random --width_data=same --width_grid=0   ('fresh': each width on a batch of its own)
 width_sampling = 'random_pair'
 p_full = 0.25

@@ -8,7 +8,7 @@ exec(open('config/train_shakespeare_mose.py').read())
 init_from = 'upcycle:out-shakespeare-dense'
 out_dir = 'out-shakespeare-upcycle'
 expert_hidden = 512              # the dense MLP's 4 * n_embd hidden units, copied into each expert
-max_train_flops = 0.0            # a step count, not the main job's compute budget
+max_train_flops = 0.0            # a step count, not the main job's training compute
 max_iters = 200
 width_sampling = 'max_random'   # the recipe RESULTS.md's upcycling numbers ("the 1,000-step runs of the previous
 width_data = 'fresh'            # recipe") were measured with: the full width plus one random width (continuous),
