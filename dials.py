@@ -1,12 +1,13 @@
 """
 The compute dials fitted to a FLOPs budget: what sample.py and bench_flops.py call to turn "spend 50 % of the
-expert FLOPs" into a width, a width policy or a top-p. model.py holds the policies themselves; this file finds
+expert FLOPs" into a width, a width policy or a route_top_p. model.py holds the policies themselves; this file finds
 their settings. A budget is a fraction of the full-width expert FLOPs at the k_exp used, in (0, 1]; every fit
 meets it on calibration text (windows of the training split, calibration_batches below), never on the text
 results are reported on.
 
   fit_budget        bisect the confidence policy's Gamma until the spent FLOPs meet the budget
-  fit_ttt           MoSE's test-time training of gamma (SGD through a differentiable prefix mask)
+  fit_ttt           MoSE's test-time training of gamma (SGD through a differentiable prefix mask: forward's
+                    fitting mode, every pair at full width)
   fit_search        gamma by a 1-D search, Gamma refitted at each candidate
   fit_width_top_p   both dials: a uniform width and the top-p routing mass (route_top_p); the policy
                     width_top_p is this fit

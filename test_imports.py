@@ -1,6 +1,6 @@
 """The repository's import graph has no circles: each file can be read after the files it imports, and none
-imports one that imports it back (model.py and fast.py, now fast_decode.py, once did). Every import counts, also one inside a
-function, read from the files' syntax trees, not by running them."""
+imports one that imports it back (model.py and fast_decode.py, then fast.py, once did). Every import counts, also
+one inside a function, read from the files' syntax trees, not by running them."""
 
 import ast
 import os
