@@ -672,18 +672,18 @@ for i, j in both:
 # gamma three ways: searched on calibration text, learned by ttt, and the grid's best chosen on the reported text
 # itself (an optimistic reference: no fitted method can expect to beat it)
 sides = []
-for budget in conf_budgets:
-    at = {p: [i for i, r in enumerate(rows) if r["model"] == main_name and r["policy"] == p and r["budget"] == budget]
+for b in conf_budgets:   # b, not budget: that name is the flag above
+    at = {p: [i for i, r in enumerate(rows) if r["model"] == main_name and r["policy"] == p and r["budget"] == b]
           for p in ("search", "ttt", "confidence")}
     if at["search"] and at["confidence"]:
-        sides.append((budget, at["search"][0], at["ttt"][0] if at["ttt"] else None,
+        sides.append((b, at["search"][0], at["ttt"][0] if at["ttt"] else None,
                       min(at["confidence"], key=lambda i: rows[i]["val_loss"])))
 if sides:
     print(f"\n{main_name}: gamma searched on calibration text, learned by ttt, and the best of the grid {gammas} "
           f"(chosen on the reported text)")
-for budget, s, t, g in sides:
+for b, s, t, g in sides:
     ttt_cell = f"ttt {setting(rows[t])} {rows[t]['val_loss']:.4f}" if t is not None else "ttt -"
-    print(f"  budget {budget:.2f}: search {setting(rows[s])} {rows[s]['val_loss']:.4f} | {ttt_cell} | best of grid "
+    print(f"  budget {b:.2f}: search {setting(rows[s])} {rows[s]['val_loss']:.4f} | {ttt_cell} | best of grid "
           f"{setting(rows[g])} {rows[g]['val_loss']:.4f}; search - best of grid = {paired_difference(s, g)}")
 
 if json_path:

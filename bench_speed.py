@@ -9,8 +9,8 @@ ratios (medians of `repeats`, with the spread), all on random weights (speed doe
             width per (token, expert) pair (width_sampling='random_pair'), the paper's two passes (full width +
             one narrower width, as 'max_random'), and a uniform-width step
   decode    tokens/s of generate() with the KV cache, batch 1, at width 1 and 0.5, Shakespeare and OWT-small;
-            where the text outgrows block_size, also decoding that recomputes the window every step past it
-            (generate before its window slid)
+            where the text outgrows block_size, also decoding that drops the KV cache there and recomputes the
+            last block_size tokens at every step (what generate's sliding window saves)
   fast      what fast_decode.py saves end to end: decoding (both models), and the training step as a check that
             it takes no fast path, each with fast_decode.py's path (GPT.set_fast(True), the default) and without
   nanomoe   (not in the default parts: it needs a nanoMoE checkout, whose code is never copied here) a training
@@ -286,8 +286,8 @@ if "model" in parts or "train" in parts:
 # --- decoding --------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def generate_recomputing(model, idx, n, width):
-    """Decoding as generate did before its window slid, kept to time generate against: the KV cache until the text
-    fills block_size, then no cache, the last block_size tokens recomputed at every step. Greedy (argmax: a few
+    """Decoding without generate's sliding window, to time generate against: the KV cache until the text fills
+    block_size, then no cache, the last block_size tokens recomputed at every step. Greedy (argmax: a few
     calls fewer than generate's top_k=1 sampling, so if anything this side is flattered)."""
     cache, block = model.new_kv_cache(), model.config.block_size
     for _ in range(n):
@@ -301,7 +301,7 @@ def generate_recomputing(model, idx, n, width):
 
 if "decode" in parts:
     print(f"\ndecoding: generate() with the KV cache, batch 1, {decode_tokens} new tokens; 'recomputed': the window "
-          f"recomputed every step past block_size, as generate did before its window slid")
+          f"recomputed every step past block_size, without generate's sliding window")
     print(f"{'model':<28} {'point':>18} {'tokens/s':>10} {'spread':>17} {'vs width 1':>11} {'spread':>13} "
           f"{'FLOPs ratio':>12}")
     models = {"shakespeare (0.8M)": GPTConfig(block_size=128, vocab_size=65, n_layer=4, n_head=4, n_embd=128,

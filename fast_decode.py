@@ -5,8 +5,8 @@ overhead, not by arithmetic. decode_moe runs a token's k pairs one by one instea
 the host once. model.py takes it where `MoSELayer.use_fast` is on (the default; GPT.set_fast(False) runs the plain
 code alone), the way nanoGPT takes flash attention where torch has it; test_dispatch.py holds it to the plain
 code. `python bench_speed.py --parts=fast` measures what it saves: 1.3-1.4x the tokens/s of the Shakespeare model
-over sample.py's 500 tokens on a CPU. Training runs the plain dispatch: a written-out backward saved 7 % of a
-random_pair step (OpenWebText-small, CPU), under the 10 % that would pay for its 100 lines, and was dropped.
+over sample.py's 500 tokens on a CPU. Training runs the plain dispatch: a written-out backward would save 7 % of a
+random_pair step (OpenWebText-small, CPU), under the 10 % that would pay for its 100 lines, so it is not here.
 """
 
 import torch

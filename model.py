@@ -583,7 +583,7 @@ class GPT(nn.Module):
                 stats["load"].append(moe.routing.load)
                 stats["experts_per_token"].append((moe.h > 0).sum(dim=1).float().mean().item() if route_top_p
                                                   else float(ks[m]))
-                stats["ran_width"].append(moe.h.view(B, T, -1).float() / self.config.expert_hidden)  # (B, T, k)
+                stats["ran_width"].append(moe.h.view(B, T, -1).float() / block.mlp.experts.H)       # (B, T, k) h/H
                 stats["experts"].append(moe.routing.expert_idx.view(B, T, -1))                     # (B, T, k)
         x = self.transformer.ln_f(x)
         if targets is not None:

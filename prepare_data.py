@@ -187,11 +187,11 @@ def prepare_openwebtext(out, num_proc=8):
 
 
 # -----------------------------------------------------------------------------
-# Project Gutenberg, split by author: text that is never repeated (a run reads each character at most once) and a
-# validation split by writers the model never read. The books are DIR/<Author>/<Title>.txt, raw as Project
-# Gutenberg distributes them. Without --input they come from the public repository rcdm-uga/Gutenberg_Text
-# (3,445 books in 98 author folders, 1.2 GB of text); the copy this project's tests and configs use is a subset of
-# it (468 books by 91 authors, 108.5 MB), passed with --input.
+# Project Gutenberg, split by author: text that is not repeated (config/train_gutenberg_mose.py reads about 0.2 of
+# it, drawn at random) and a validation split by writers the model never read. The books are
+# DIR/<Author>/<Title>.txt, raw as Project Gutenberg distributes them. Without --input they come from the public
+# repository rcdm-uga/Gutenberg_Text (3,445 books in 98 author folders, 1.2 GB of text); the copy this project's
+# tests and configs use is a subset of it (468 books by 91 authors, 108.5 MB), passed with --input.
 
 GUTENBERG_COMMIT = "a0b16d35a9851168ce9ac649851c17b7ab08d48e"
 GUTENBERG_URL = f"https://github.com/rcdm-uga/Gutenberg_Text/archive/{GUTENBERG_COMMIT}.zip"

@@ -16,8 +16,8 @@
 #   plain MoE               8.0e13 / (3 * 1.763M * 4,096) = 3,693 steps = 15.1M tokens
 #   half-size MoE (h128)    8.0e13 / (3 * 1.501M * 4,096) = 4,338 steps = 17.8M tokens
 #   dense                   8.0e13 / (3 * 1.759M * 4,096) = 3,702 steps = 15.2M tokens
-# all at most 17.8M of the 88.0M training characters: about 0.2 reads per character on average (train.py draws
-# random windows, so a run reads about a fifth of the text, a small part of it twice, most of it never).
+# these at most 17.8M of the 88.0M training characters (the h = 64 MoE of train_gutenberg_moe.py 19.5M): about 0.2
+# reads per character (train.py draws random windows: a run reads about a fifth of the text, a little twice).
 # Time, measured on this project's 2-core AMD EPYC VM, one thread a run, two runs at a time (RESULTS.md, Gutenberg):
 # MoSE 22-25 minutes, the MoE 19.5-22.5, the one-size MoEs 15.7-17.8 (evaluations included).
 # Why this size: on Shakespeare (1 MB, read about 8 times) a half-size MoE beat the full one at equal compute; on
