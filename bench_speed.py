@@ -45,7 +45,7 @@ from recipes import RandomWidth
 parts = ("layer", "model", "train", "decode", "fast")
 repeats = 5
 clock = "wall"                  # 'wall' (perf_counter) or 'cpu' (process_time: robust to other processes)
-# the OpenWebText-small sizes (config/train_owt_mose_small.py)
+# the OpenWebText-small sizes (config/train_owt_mose_small.py); give others as flags, e.g. the Gutenberg shape
 n_layer, n_head, n_embd, n_exp, k_exp, moe_stride = 6, 6, 384, 8, 2, 2
 expert_hidden, width_multiple, vocab_size, block_size = 1536, 16, 50304, 1024
 layer_tokens = 4096             # tokens through one MoSELayer
@@ -82,6 +82,7 @@ check_ranges(config, {   # every number in its range before any work
     "gammas": (lambda v: v >= 0, ">= 0"), "router_std": (lambda v: v > 0, "> 0"),
 })
 parts = tuple(p for s in parts for p in s.split(","))   # --parts=layer,model arrives as one string
+dims = f"{n_layer} layers, n_embd {n_embd}, {n_exp} experts of {expert_hidden}, an MoE layer every {moe_stride}"
 if clock not in ("wall", "cpu"):
     fail(f"clock must be 'wall' or 'cpu', got '{clock}'")
 unknown = set(parts) - {"layer", "model", "train", "decode", "fast", "nanomoe"}
@@ -248,7 +249,7 @@ if "model" in parts:
     def run(w):
         with torch.no_grad(), ctx:
             return timed(lambda: model(idx, idx, width=w))
-    report("model forward (OpenWebText-small, random weights)", round_robin(points, run), "uniform 1", flops,
+    report(f"model forward ({dims}, random weights)", round_robin(points, run), "uniform 1", flops,
            dict(tokens=model_batch * model_seq))
 
 # --- a training step -------------------------------------------------------------------------------------
@@ -277,7 +278,7 @@ if "train" in parts:
             opt.step()
             opt.zero_grad(set_to_none=True)
         return timed(step)
-    report("training step (OpenWebText-small, AdamW)", round_robin(points, run), "plain MoE step (width 1)", flops,
+    report(f"training step ({dims}, AdamW)", round_robin(points, run), "plain MoE step (width 1)", flops,
            dict(tokens=train_batch * train_seq))
 
 if "model" in parts or "train" in parts:

@@ -149,6 +149,20 @@ def gpu_peak_flops(device):
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def heap_trimmer():
+    """A function that hands the C heap's freed pages back to the OS (glibc's malloc_trim), or a no-op elsewhere.
+    Why: on the CPU a slimmable step allocates tensors of many sizes (each pair's h differs from step to step), and
+    glibc keeps large freed blocks in its heap instead of unmapping them; the holes do not fit the next step's sizes,
+    so a MoSE run's memory grows by hundreds of MB where a plain MoE's stays flat. Trimming every few steps keeps it
+    flat at the cost of re-faulting those pages once per call."""
+    import ctypes
+    import ctypes.util
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim   # glibc (Linux) only
+    except (OSError, AttributeError):
+        return lambda pad: 0
+
+
 def report_lost_rank(rank, default=sys.excepthook):
     """An excepthook for DDP rank `rank` (sys.excepthook = report_lost_rank(rank)). When a rank dies, the others
     fail in their next collective: one line saying so rather than a traceback from inside the backend. The rank

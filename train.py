@@ -20,7 +20,8 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from configurator import check_ranges, configure, fail, gpu_peak_flops, report_lost_rank, setup_device, stop_non_finite
+from configurator import (check_ranges, configure, fail, gpu_peak_flops, heap_trimmer, report_lost_rank, setup_device,
+                          stop_non_finite)
 from checkpoint import (ARCHITECTURE, check_tokenizer, held_out_authors, load_checkpoint, load_meta, open_log,
                         require_same, save_checkpoint, upcycle)
 from model import GPT, GPTConfig, MoSELayer, check_width
@@ -364,6 +365,7 @@ def save(iter_num, best_val_loss):
 
 
 peak_flops = gpu_peak_flops(device)   # for MFU; None off a GPU this table knows (configurator.py)
+trim_heap = heap_trimmer()   # keeps a CPU run's memory flat under ever-changing widths (configurator.py says why)
 if wandb_log and master_process:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
@@ -456,6 +458,8 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if iter_num % 10 == 0:
+        trim_heap(0)
     if ddp:   # every rank must agree on the spent compute: max_train_flops decides when all of them stop
         summed = torch.tensor(step_flops, dtype=torch.float64, device=device)
         torch.distributed.all_reduce(summed)
