@@ -149,18 +149,22 @@ def gpu_peak_flops(device):
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def heap_trimmer():
-    """A function that hands the C heap's freed pages back to the OS (glibc's malloc_trim), or a no-op elsewhere.
-    Why: on the CPU a slimmable step allocates tensors of many sizes (each pair's h differs from step to step), and
-    glibc keeps large freed blocks in its heap instead of unmapping them; the holes do not fit the next step's sizes,
-    so a MoSE run's memory grows by hundreds of MB where a plain MoE's stays flat. Trimming every few steps keeps it
-    flat at the cost of re-faulting those pages once per call."""
+def heap_trimmer(every=10):
+    """A function to call once a step that, every `every` calls, hands the C heap's freed pages back to the OS
+    (glibc's malloc_trim); a no-op where there is no glibc. Why: on the CPU a slimmable step allocates tensors of
+    ever-changing sizes (each pair's h differs from step to step), and glibc keeps large freed blocks in its heap
+    rather than unmapping them; the holes do not fit the next step's sizes, so a MoSE run's memory grows by hundreds
+    of MB where a plain MoE's stays flat. Each trim costs re-faulting those pages once: every 10 steps, within the
+    noise of a step's time."""
     import ctypes
     import ctypes.util
+    import itertools
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim   # glibc (Linux) only
-    except (OSError, AttributeError):
-        return lambda pad: 0
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):   # macOS, Windows, musl: nothing to do
+        return lambda: None
+    calls = itertools.count(1)
+    return lambda: trim(0) if next(calls) % every == 0 else None
 
 
 def report_lost_rank(rank, default=sys.excepthook):

@@ -110,7 +110,6 @@ seed = 1337
 command_line = set()            # the keys given as --key=value (filled by configure)
 config = configure(globals(), given=command_line)
 # -----------------------------------------------------------------------------
-
 # checks that fail early with one line, rather than deep inside a run: every number in its range first
 at_least = lambda n: (lambda v: v >= n, f">= {n}")
 below_one = (lambda v: 0 <= v < 1, "in [0, 1)")
@@ -175,8 +174,7 @@ if master_process:
     os.makedirs(out_dir, exist_ok=True)
     print(f"device {device}, dtype {dtype}, {ddp_world_size} process(es), tokens per iteration {tokens_per_iter:,}")
 torch.manual_seed(seed + ddp_rank)   # dropout differs per rank; data and widths come from shared generators
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 # -----------------------------------------------------------------------------
 # data: uint16 memmaps from prepare_data.py, sampled i.i.d. with a generator that every rank seeds alike.
@@ -365,7 +363,7 @@ def save(iter_num, best_val_loss):
 
 
 peak_flops = gpu_peak_flops(device)   # for MFU; None off a GPU this table knows (configurator.py)
-trim_heap = heap_trimmer()   # keeps a CPU run's memory flat under ever-changing widths (configurator.py says why)
+trim_heap = heap_trimmer(every=10)   # keeps a run's memory flat under ever-changing widths (configurator.py: why)
 if wandb_log and master_process:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
@@ -458,8 +456,7 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    if iter_num % 10 == 0:
-        trim_heap(0)
+    trim_heap()
     if ddp:   # every rank must agree on the spent compute: max_train_flops decides when all of them stop
         summed = torch.tensor(step_flops, dtype=torch.float64, device=device)
         torch.distributed.all_reduce(summed)
