@@ -15,6 +15,16 @@ narrower width costs less: only its experts' FLOPs shrink, attention and the res
   random_step   1 pass    one width for the whole pass: the full width with probability p_full, else a random one
   none          1 pass    the full width alone: a plain MoE
 
+  width_mix               the law of every random width above, stated: one probability per grid width, widest
+                          first, e.g. (0.3, 0.1, 0.2, 0.4) for 1 / 0.75 / 0.5 / 0.25; the first is the full width's
+                          share, so p_full is unused. () = p_full, else uniform snapped (the grid's end points then
+                          get half an inner point's share). Why: to tilt the draws toward the narrow widths, which
+                          lag the models trained for their size the most
+  p_sequence > 0          random_pair: that share of each pass's sequences draws ONE width (by the same law) for
+                          all its pairs in every MoE layer: "every expert narrow", what a uniform-width dial
+                          evaluates and per-pair draws almost never show (under the default mix a token's 4 pairs,
+                          k = 2 in two MoE layers, are all at 0.25 for 0.125^4 of the tokens). The other sequences
+                          keep per-pair widths; a pass costs what its widths spend, as any random_pair pass
   distill_weight > 0      in-place distillation (distill_loss): the passes after the first also learn the widest
                           pass's predictions; free for the others, random_pair gains a full-width teacher (2 passes)
   width_data='fresh'      each pass on a batch of its own (more text per step, the same passes; 'same': one batch)
@@ -51,6 +61,8 @@ class Recipe:
     width_sampling: str
     p_full: float
     w_min: float
+    width_mix: tuple          # () or one probability per grid_widths(w_min, width_grid)
+    p_sequence: float
     n_random_widths: int
     width_grid: float
     fixed_widths: tuple
@@ -70,9 +82,13 @@ class Recipe:
     n_moe_layers: int
 
     @classmethod
-    def of(cls, config, model_config):
+    def of(cls, config, model_config, given=()):
         """The recipe of train.py's config (a dict) for a model of GPTConfig model_config. Raises ValueError
-        with a one-line message where the keys do not make a recipe. A dense GPT trains one full-width pass."""
+        with a one-line message where the keys do not make a recipe. A dense GPT trains one full-width pass.
+        given: the keys set on the command line (--p_full cannot change a width_mix's full-width share)."""
+        if config["width_mix"] and "p_full" in given:
+            raise ValueError("--p_full is unused with a width_mix: its first entry is the full width's share "
+                             "(drop --p_full, or give --width_mix=())")
         model = dict(n_exp=model_config.n_exp, k_exp=model_config.k_exp, n_moe_layers=model_config.n_moe_layers)
         keys = [f.name for f in fields(cls) if f.name not in model]
         recipe = cls(**{k: config[k] for k in keys if k != "k_max"}, k_max=config["k_max"] or model_config.k_exp,
@@ -83,6 +99,7 @@ class Recipe:
 
     def __post_init__(self):
         for key, ok, what in (("p_full", 0 <= self.p_full <= 1, "a probability in [0, 1]"),
+                              ("p_sequence", 0 <= self.p_sequence <= 1, "a share of sequences in [0, 1]"),
                               ("width_grid", 0 <= self.width_grid <= 1, "in [0, 1] (0 = continuous)"),
                               ("route_top_p", 0 < self.route_top_p <= 1, "a probability mass in (0, 1]"),
                               ("k_tau", self.k_tau > 0, "> 0"), ("k_min", self.k_min >= 1, ">= 1"),
@@ -110,6 +127,8 @@ class Recipe:
             raise ValueError("width_sampling='fixed' trains the widths in fixed_widths: give at least one, e.g. "
                              "--fixed_widths=1.0,0.5")
         check_width(self.w_min, "w_min")
+        check_mix(self.width_mix, self.w_min, self.width_grid)
+        # p_sequence, like p_full, is left unused by the recipes it does not act on: a baseline's config inherits it
         for w in self.fixed_widths:
             check_width(w, "fixed_widths values")
         if self.n_exp and not 1 <= self.k_min <= self.k_max <= self.n_exp:
@@ -123,6 +142,39 @@ class Recipe:
 # widths
 
 
+def grid_widths(w_min, grid):
+    """The widths a width_mix gives probabilities to, widest first: 1, the multiples of grid between w_min and
+    1, and w_min (the widths snapping can produce, and the full width). E.g. (1, 0.75, 0.5, 0.25) for the
+    defaults; (1, 0.75, 0.5, 0.3) for w_min = 0.3."""
+    inner = [round(i * grid, 10) for i in range(math.floor(w_min / grid), math.ceil(1 / grid) + 1)]
+    return tuple(sorted({1.0, w_min} | {w for w in inner if w_min < w < 1}, reverse=True))
+
+
+def check_mix(width_mix, w_min, grid):
+    """A width_mix that makes a law over grid_widths (() is the default law): a ValueError of one line if not."""
+    if not width_mix:
+        return
+    if not grid:
+        raise ValueError("--width_mix gives each grid width a probability: set --width_grid > 0 (e.g. 0.25)")
+    widths = grid_widths(w_min, grid)
+    if len(width_mix) != len(widths):
+        raise ValueError(f"--width_mix needs one probability per grid width, widest first: {len(widths)} for "
+                         f"{', '.join(f'{w:g}' for w in widths)} (w_min={w_min:g}, width_grid={grid:g}); got "
+                         f"{len(width_mix)}")
+    if any(not isinstance(p, (int, float)) or isinstance(p, bool) or not p >= 0 for p in width_mix):
+        raise ValueError(f"--width_mix values are probabilities, each >= 0; got {width_mix}")
+    if abs(sum(width_mix) - 1) > 1e-6:
+        raise ValueError(f"--width_mix must sum to 1 (it is the law of every random width); got {width_mix}, "
+                         f"which sums to {sum(width_mix):.6g}")
+
+
+def draw_mix(width_mix, shape, gen):
+    """Indices into grid_widths of `shape`, drawn by the law width_mix: one uniform number each, inverse CDF."""
+    cdf = torch.tensor(width_mix, dtype=torch.float64).cumsum(0) / sum(width_mix)
+    cdf[max(i for i, p in enumerate(width_mix) if p > 0):] = 1.0   # never past the last width of probability > 0
+    return torch.searchsorted(cdf, torch.rand(shape, generator=gen).double(), right=True)
+
+
 class RandomWidth(WidthPolicy):
     """The training policy of the shipped recipe (width_sampling='random_pair'): every (token, expert) pair
     draws its own width: the full width with probability p_full, else u ~ U[w_min, 1] snapped to the nearest
@@ -131,23 +183,56 @@ class RandomWidth(WidthPolicy):
 
     Snapping a uniform draw gives the grid's two end points half the share of the inner points: with the
     defaults the widths 1 / 0.75 / 0.5 / 0.25 are drawn 37.5 / 25 / 25 / 12.5 % of the time (`mix` computes
-    it). Draws come from `generator` (a CPU torch.Generator: a resumed run continues the same stream)."""
+    it). width_mix states the law instead: one probability per grid_widths(w_min, grid), widest first (p_full
+    is then unused). Draws come from `generator` (a CPU torch.Generator: a resumed run continues the same stream).
 
-    def __init__(self, p_full=0.25, w_min=0.25, grid=0.25, generator=None):
+    p_sequence > 0: that share of the pass's sequences (seq_len consecutive tokens of the (B*T) flattened
+    ones, as MoSELayer flattens them) runs one width, drawn by the same law, in all its pairs of every MoE
+    layer. Those widths are drawn once per forward pass, at its first MoE layer (moe_index 0), and kept for the
+    others: one RandomWidth is one pass (width_of makes one per pass and micro-batch). At p_sequence = 0 no
+    more numbers are drawn than without it."""
+
+    def __init__(self, p_full=0.25, w_min=0.25, grid=0.25, generator=None, width_mix=(), p_sequence=0.0,
+                 seq_len=None):
         check_width(w_min, "w_min")
+        check_mix(width_mix, w_min, grid)
+        if not 0 <= p_sequence <= 1:
+            raise ValueError(f"p_sequence must be a share of sequences in [0, 1], got {p_sequence}")
         self.p_full, self.w_min, self.grid, self.generator = float(p_full), float(w_min), float(grid), generator
+        self.width_mix, self.p_sequence, self.seq_len = tuple(float(p) for p in width_mix), float(p_sequence), seq_len
+        self.sequences = None   # this pass's (which sequences run one width, that width), drawn at moe_index 0
 
-    def __call__(self, gates, moe_index):
-        u = torch.rand((2, *gates.shape), generator=self.generator)            # (2, N, k) on the CPU
+    def draw(self, shape):
+        """Widths of `shape` by the law of one pair (float32, on the CPU)."""
+        if self.width_mix:
+            return torch.tensor(grid_widths(self.w_min, self.grid))[draw_mix(self.width_mix, shape, self.generator)]
+        u = torch.rand((2, *shape), generator=self.generator)                 # (2, *shape)
         w = self.w_min + (1 - self.w_min) * u[1]
         if self.grid:
             w = (torch.round(w / self.grid) * self.grid).clamp(self.w_min, 1.0)
-        return torch.where(u[0] < self.p_full, 1.0, w).to(gates.device)
+        return torch.where(u[0] < self.p_full, 1.0, w)
+
+    def __call__(self, gates, moe_index):
+        w = self.draw(gates.shape)                                             # (N, k) on the CPU
+        if self.p_sequence:
+            N, T = gates.size(0), self.seq_len
+            if not T or N % T:
+                raise ValueError(f"p_sequence needs the length of the sequences of a pass's {N} tokens: give "
+                                 f"RandomWidth seq_len (width_of's), got {T}")
+            if moe_index == 0 or self.sequences is None:   # a new pass: the same sequences' widths in every layer
+                self.sequences = (torch.rand(N // T, generator=self.generator) < self.p_sequence,
+                                  self.draw((N // T,)))
+            one, width = (x.repeat_interleave(T)[:, None] for x in self.sequences)   # (N, 1) each
+            w = torch.where(one, width, w)
+        return w.to(gates.device)
 
     def mix(self):
-        """{width: probability} of what __call__ draws on the grid (None without one: the draw is continuous).
-        Below p_full, w is uniform on [w_min, 1] then rounded: each grid point gets its rounding interval's share."""
+        """{width: probability} of what __call__ draws on the grid (None without one: the draw is continuous):
+        width_mix where it is given. Else below p_full, w is uniform on [w_min, 1] then rounded: each grid point
+        gets its rounding interval's share. A sequence of p_sequence's draws its one width by the same law."""
         g, lo = self.grid, self.w_min
+        if self.width_mix:
+            return {w: p for w, p in zip(grid_widths(lo, g), self.width_mix) if p > 0}
         if not g:
             return None
         mix = {1.0: self.p_full}
@@ -159,22 +244,29 @@ class RandomWidth(WidthPolicy):
         return {w: p for w, p in sorted(mix.items(), reverse=True) if p > 0}
 
     def __repr__(self):
-        return f"RandomWidth(p_full={self.p_full:g}, w_min={self.w_min:g}, grid={self.grid:g})"
+        law = f"width_mix={self.width_mix}" if self.width_mix else f"p_full={self.p_full:g}"
+        return f"RandomWidth({law}, w_min={self.w_min:g}, grid={self.grid:g}" + (
+            f", p_sequence={self.p_sequence:g})" if self.p_sequence else ")")
 
 
 def describe(recipe):
     """The line train.py prints at start-up for random_pair: what the recipe really draws (snapping skews a
-    uniform draw). None for the other recipes."""
+    uniform draw; width_mix states it). None for the other recipes."""
     if recipe.width_sampling != "random_pair" or not recipe.n_exp:
         return None
-    mix = RandomWidth(recipe.p_full, recipe.w_min, recipe.width_grid).mix()
-    return "random_pair: each (token, expert) pair draws its width, " + (
+    mix = RandomWidth(recipe.p_full, recipe.w_min, recipe.width_grid, width_mix=recipe.width_mix).mix()
+    line = "random_pair: each (token, expert) pair draws its width, " + (
         ", ".join(f"{w:g} with probability {p:.3f}" for w, p in mix.items()) if mix else
         f"1 with probability {recipe.p_full:g}, else uniform in [{recipe.w_min:g}, 1]")
+    return line + (f"; a share of {recipe.p_sequence:g} of the sequences draws one width (by the same law) for all "
+                   f"its pairs in every MoE layer" if recipe.p_sequence else "")
 
 
 def draw_step_width(recipe, gen):
-    """One width for a whole pass (max_random, sandwich, random_step): U[w_min, 1], snapped to the grid."""
+    """One width for a whole pass (max_random, sandwich, random_step): U[w_min, 1], snapped to the grid, or
+    by width_mix where it is given (the law of one RandomWidth pair, either way)."""
+    if recipe.width_mix:
+        return grid_widths(recipe.w_min, recipe.width_grid)[draw_mix(recipe.width_mix, (), gen).item()]
     u = recipe.w_min + (1 - recipe.w_min) * torch.rand((), generator=gen).item()
     if not recipe.width_grid:
         return u
@@ -191,9 +283,13 @@ def sample_widths(recipe, gen):
     if recipe.width_sampling == "none":
         return [1.0]
     if recipe.width_sampling == "random_step":   # the full width with probability p_full, else a random one
+        if recipe.width_mix:                     # (width_mix states the full width's share itself)
+            return [rand()]
         return [1.0 if torch.rand((), generator=gen).item() < recipe.p_full else rand()]
     if recipe.width_sampling == "random_pair":   # with distillation a full-width teacher pass comes first
-        return [1.0] * (recipe.distill_weight > 0) + [RandomWidth(recipe.p_full, recipe.w_min, recipe.width_grid)]
+        return [1.0] * (recipe.distill_weight > 0) + [RandomWidth(recipe.p_full, recipe.w_min, recipe.width_grid,
+                                                                  width_mix=recipe.width_mix,
+                                                                  p_sequence=recipe.p_sequence)]
     if recipe.width_sampling == "max_random":
         return [1.0] + [rand() for _ in range(recipe.n_random_widths)]
     if recipe.width_sampling == "sandwich":
@@ -201,14 +297,15 @@ def sample_widths(recipe, gen):
     return sorted(recipe.fixed_widths, reverse=True)
 
 
-def width_of(recipe, width, step, micro_batch):
+def width_of(recipe, width, step, micro_batch, seq_len=None):
     """A pass's width for one micro-batch (its index among all ranks' micro-batches of the step). A RandomWidth
     draws from a generator of the micro-batch's own, seeded by the step and that index: N processes draw exactly
-    what one process with N times the gradient accumulation draws, and a resumed run what it would have drawn."""
+    what one process with N times the gradient accumulation draws, and a resumed run what it would have drawn.
+    seq_len: the micro-batch's sequence length (p_sequence gives whole sequences one width)."""
     if not isinstance(width, RandomWidth):
         return width
     g = torch.Generator().manual_seed(recipe.seed + 1_000_003 * step + micro_batch)
-    return RandomWidth(width.p_full, width.w_min, width.grid, g)
+    return RandomWidth(width.p_full, width.w_min, width.grid, g, width.width_mix, width.p_sequence, seq_len)
 
 
 def distill_loss(logits, teacher):

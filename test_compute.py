@@ -96,6 +96,35 @@ def test_random_pair_with_distillation_adds_a_full_width_teacher_pass(char_data,
     assert all(1.5 * step < s < 2 * step for s in per_step)   # the teacher's full step plus the cheaper pass
 
 
+@pytest.mark.parametrize("keys", [
+    dict(width_mix=(0.3, 0.1, 0.2, 0.4), p_sequence=0.5),
+    dict(width_mix=(0.3, 0.1, 0.2, 0.4), p_sequence=0.5, distill_weight=1.0),   # + a full-width teacher pass
+    dict(p_sequence=1.0, distill_weight=0.5),                                    # the default law
+])
+def test_random_pair_counts_the_flops_its_drawn_widths_spend(char_data, tmp_path, keys):
+    # train.py's train_flops, step by step, against the FLOPs the recipe's draws spend, recomputed here from the
+    # draws alone: each step's RandomWidth as width_of gives it (its seed, step, micro-batch and sequence length),
+    # in both MoE layers, h(w) hidden units per pair, 4 C h FLOPs each; the teacher's pass at full width
+    from model import hidden_units, pair_flops
+    from recipes import RandomWidth, width_of
+    from test_recipes import recipe
+    train(char_data, tmp_path, "--max_iters=4", "--eval_interval=4", "--width_sampling=random_pair", "--moe_stride=1",
+          *(f"--{key}={value}" for key, value in keys.items()))
+    rows = [r for r in log_rows(tmp_path) if "loss" in r]
+    model = GPT(GPTConfig(**TINY_CONFIG, moe_stride=1))                   # 2 MoE layers
+    r = recipe(model.config, **keys)
+    pair = RandomWidth(r.p_full, r.w_min, r.width_grid, width_mix=r.width_mix, p_sequence=r.p_sequence)
+    C, H, k, N = 32, 64, 2, TOKENS_PER_STEP
+    full = model.non_expert_flops + 2 * k * pair_flops(C, H)               # per token, both MoE layers
+    expected = 0.0
+    for step, row in enumerate(rows):
+        policy = width_of(r, pair, step, 0, seq_len=32)
+        spent = sum(pair_flops(C, hidden_units(policy(torch.zeros(N, k), i), H).sum(dim=1).float()) for i in range(2))
+        expected += 3 * N * ((model.non_expert_flops + spent.mean().item()) + (full if r.distill_weight else 0))
+        assert math.isclose(row["train_flops"], expected, rel_tol=1e-6), (step, row["train_flops"], expected)
+    assert rows[0]["widths"][-1] == repr(pair) and len(rows[0]["widths"]) == 1 + (r.distill_weight > 0)
+
+
 @pytest.mark.parametrize("p_full,check", [
     (1.0, lambda w: w == [1.0]),
     (0.0, lambda w: len(w) == 1 and 0.25 <= w[0] < 1.0),

@@ -130,6 +130,157 @@ def test_describe_says_what_random_pair_draws():
     assert describe(recipe(width_sampling="max_random")) is None
 
 
+# --- width_mix: a stated law; p_sequence: one width for a whole sequence -------------------------------------
+
+TILTED = (0.3, 0.1, 0.2, 0.4)   # 1 / 0.75 / 0.5 / 0.25, tilted toward the narrowest
+
+
+def assert_frequencies(drawn, law, n):
+    """Each width's share of n draws within 4 standard errors of its probability; nothing drawn outside the law."""
+    drawn = {round(float(w), 6): f for w, f in drawn.items()}
+    law = {round(float(w), 6): p for w, p in law.items() if p > 0}
+    assert set(drawn) == set(law), (drawn, law)
+    for w, p in law.items():
+        assert abs(drawn[w] - p) <= 4 * math.sqrt(p * (1 - p) / n), (w, drawn[w], p, n)
+
+
+def shares(widths):
+    """{width: share} of a tensor of widths."""
+    values, counts = widths.flatten().unique(return_counts=True)
+    return dict(zip(values.tolist(), (counts / widths.numel()).tolist()))
+
+
+@pytest.mark.parametrize("width_mix,w_min,grid", [(TILTED, 0.25, 0.25), ((0.0, 0.5, 0.0, 0.5), 0.3, 0.25),
+                                                  ((0.1, 0.2, 0.05, 0.15, 0.1, 0.1, 0.3), 0.25, 0.125)])
+def test_width_mix_pairs_draw_the_stated_mix(width_mix, w_min, grid):
+    policy = RandomWidth(0.9, w_min, grid, torch.Generator().manual_seed(0), width_mix=width_mix)   # p_full unused
+    mix = policy.mix()
+    assert list(mix.values()) == [p for p in width_mix if p > 0] and list(mix) == sorted(mix, reverse=True)
+    w = policy(torch.zeros(100_000, 2), 0)                     # 200,000 (token, expert) pairs
+    assert w.dtype == torch.float32 and w.shape == (100_000, 2)
+    assert_frequencies(shares(w), mix, w.numel())
+    if w_min == 0.3:   # grid_widths: 1, the multiples of the grid above w_min, and w_min itself
+        assert recipes.grid_widths(w_min, grid) == (1.0, 0.75, 0.5, 0.3) and set(mix) == {0.75, 0.3}
+
+
+def test_width_mix_is_the_law_of_every_random_width():
+    # a pass's width (max_random, sandwich, random_step, width_per_layer) is drawn by the same stated law
+    r, gen, n = recipe(width_mix=TILTED), torch.Generator().manual_seed(0), 20_000
+    assert_frequencies(frequencies([draw_step_width(r, gen) for _ in range(n)]), dict(zip((1, .75, .5, .25), TILTED)),
+                       n)
+    r = recipe(width_sampling="random_step", width_mix=TILTED, p_full=0.9)   # the mix's first entry, not p_full
+    assert_frequencies(frequencies([sample_widths(r, gen)[0] for _ in range(n)]), dict(zip((1, .75, .5, .25), TILTED)),
+                       n)
+    step = sample_widths(recipe(width_sampling="max_random", width_mix=(0, 0, 1, 0), n_random_widths=3), gen)
+    assert step == [1.0, 0.5, 0.5, 0.5] and all(type(w) is float for w in step)
+    r = recipe(width_mix=(1 / 16,) * 16, width_grid=0.05)        # a step's widths are the grid's floats
+    assert {draw_step_width(r, gen) for _ in range(500)} == set(recipes.grid_widths(0.25, 0.05))
+    assert recipes.grid_widths(0.25, 0.05)[-3:] == (0.35, 0.3, 0.25)
+
+
+def test_describe_and_repr_state_the_mix_and_p_sequence():
+    r = recipe(width_mix=TILTED, p_sequence=0.5)
+    assert describe(r) == ("random_pair: each (token, expert) pair draws its width, 1 with probability 0.300, 0.75 "
+                           "with probability 0.100, 0.5 with probability 0.200, 0.25 with probability 0.400; a share "
+                           "of 0.5 of the sequences draws one width (by the same law) for all its pairs in every MoE "
+                           "layer")
+    pair = sample_widths(r, torch.Generator())[0]
+    assert repr(pair) == "RandomWidth(width_mix=(0.3, 0.1, 0.2, 0.4), w_min=0.25, grid=0.25, p_sequence=0.5)"
+    assert repr(width_of(r, pair, 3, 1, 32)) == repr(pair) and width_of(r, pair, 3, 1, 32).seq_len == 32
+
+
+def widths_each_layer_ran(policy, B=64, T=32):
+    """Forward a tiny GPT (3 MoE layers) on B sequences of T tokens: the width every (token, expert) pair ran in
+    every MoE layer, (layers, B, T, k), as the model reports it (h/H, exact for these widths at H = 64)."""
+    torch.manual_seed(0)
+    model = GPT(MODEL)
+    x = torch.randint(0, 65, (B, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return torch.stack(model(x, x, width=policy).stats["ran_width"])
+
+
+def test_p_sequence_one_gives_every_sequence_one_width_in_all_pairs_and_layers():
+    r = recipe(width_mix=TILTED, p_sequence=1.0)
+    policy = width_of(r, sample_widths(r, torch.Generator())[0], step=5, micro_batch=2, seq_len=32)
+    ran = widths_each_layer_ran(policy)                                       # (3, 64, 32, 2)
+    per_sequence = ran.permute(1, 0, 2, 3).flatten(1)                         # (64, 3 * 32 * 2)
+    assert (per_sequence == per_sequence[:, :1]).all()                        # one width per sequence, every layer
+    assert len(per_sequence[:, 0].unique()) > 1                               # not one width for the whole batch
+    # the same step and micro-batch draw the same (a resumed run, another rank); another micro-batch, others
+    again = widths_each_layer_ran(width_of(r, sample_widths(r, torch.Generator())[0], 5, 2, 32))
+    other = widths_each_layer_ran(width_of(r, sample_widths(r, torch.Generator())[0], 5, 3, 32))
+    assert torch.equal(ran, again) and not torch.equal(ran, other)
+
+
+def test_p_sequence_half_gives_about_half_the_sequences_one_width():
+    r = recipe(width_mix=TILTED, p_sequence=0.5)
+    ran = widths_each_layer_ran(width_of(r, sample_widths(r, torch.Generator())[0], 0, 0, 32), B=64)
+    per_sequence = ran.permute(1, 0, 2, 3).flatten(1)                         # (64, 192)
+    uniform = (per_sequence == per_sequence[:, :1]).all(dim=1).float().mean().item()
+    assert abs(uniform - 0.5) <= 4 * math.sqrt(0.25 / 64), uniform   # per-pair sequences: never one width by chance
+
+
+@pytest.mark.parametrize("width_mix,p_sequence", [(TILTED, 0.5), ((), 0.3)])
+def test_p_sequence_draws_the_sequences_share_and_widths_by_the_mix(width_mix, p_sequence):
+    # 20,000 sequences of 4 tokens, 2 pairs each, in 3 MoE layers: the share of one-width sequences is p_sequence,
+    # their widths follow the stated mix (the default law's too), and the other pairs keep it as well
+    S, T, L = 20_000, 4, 3
+    policy = RandomWidth(0.25, 0.25, 0.25, torch.Generator().manual_seed(0), width_mix, p_sequence, seq_len=T)
+    w = torch.stack([policy(torch.zeros(S * T, 2), i) for i in range(L)]).view(L, S, T * 2)
+    per_sequence = w.permute(1, 0, 2).flatten(1)                              # (S, L * T * 2)
+    one = (per_sequence == per_sequence[:, :1]).all(dim=1)
+    assert abs(one.float().mean().item() - p_sequence) <= 4 * math.sqrt(p_sequence * (1 - p_sequence) / S)
+    assert_frequencies(shares(per_sequence[one, 0]), policy.mix(), int(one.sum()))
+    assert_frequencies(shares(per_sequence[~one]), policy.mix(), per_sequence[~one].numel())
+    # a new pass (its first MoE layer again) draws new sequences; the layers after it keep them
+    again = policy(torch.zeros(S * T, 2), 0).view(S, T * 2)
+    assert not torch.equal(again[:, 0], w[0, :, 0])
+
+
+def old_random_width_call(p_full, w_min, grid, generator, gates):
+    """RandomWidth.__call__ as it was before width_mix and p_sequence (the shipped recipe's draws)."""
+    u = torch.rand((2, *gates.shape), generator=generator)
+    w = w_min + (1 - w_min) * u[1]
+    if grid:
+        w = (torch.round(w / grid) * grid).clamp(w_min, 1.0)
+    return torch.where(u[0] < p_full, 1.0, w).to(gates.device)
+
+
+def old_draw_step_width(recipe, gen):
+    u = recipe.w_min + (1 - recipe.w_min) * torch.rand((), generator=gen).item()
+    if not recipe.width_grid:
+        return u
+    return min(1.0, max(recipe.w_min, round(u / recipe.width_grid) * recipe.width_grid))
+
+
+@pytest.mark.parametrize("keys", [{}, dict(p_full=0.5, width_grid=0.0), dict(w_min=0.3, width_grid=0.05)])
+def test_the_defaults_draw_exactly_what_they_drew_before(keys):
+    # width_mix=() and p_sequence=0: the same numbers from the same generator, and no more of them
+    r = recipe(**keys)
+    assert (r.width_mix, r.p_sequence) == ((), 0.0)
+    pair = sample_widths(r, torch.Generator())[0]
+    policy = width_of(r, pair, step=7, micro_batch=3, seq_len=32)
+    old = torch.Generator().manual_seed(r.seed + 1_000_003 * 7 + 3)
+    for layer in range(3):
+        gates = torch.rand(256, 2)
+        assert torch.equal(policy(gates, layer), old_random_width_call(r.p_full, r.w_min, r.width_grid, old, gates))
+    assert torch.equal(policy.generator.get_state(), old.get_state())
+    new, old = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert [draw_step_width(r, new) for _ in range(200)] == [old_draw_step_width(r, old) for _ in range(200)]
+    r = recipe(width_sampling="random_step", **keys)
+    assert [sample_widths(r, new) for _ in range(200)] == \
+        [[1.0 if torch.rand((), generator=old).item() < r.p_full else old_draw_step_width(r, old)] for _ in range(200)]
+    assert torch.equal(new.get_state(), old.get_state())
+
+
+def test_p_sequence_needs_the_sequence_length():
+    policy = RandomWidth(p_sequence=0.5, generator=torch.Generator())
+    with pytest.raises(ValueError, match="p_sequence needs the length of the sequences"):
+        policy(torch.zeros(64, 2), 0)
+    with pytest.raises(ValueError, match="p_sequence needs the length"):
+        RandomWidth(p_sequence=0.5, seq_len=5, generator=torch.Generator())(torch.zeros(64, 2), 0)
+
+
 # --- one width for a whole pass, and the widths of a step -------------------------------------------------------
 
 @pytest.mark.parametrize("w_min,grid", [(0.25, 0.25), (0.3, 0.25), (0.25, 0.05)])
@@ -237,11 +388,29 @@ def test_capacity_draws_k_with_probability_proportional_to_k_to_the_one_over_tau
     (dict(w_min=0.0), "w_min must be in (0, 1]"),
     (dict(k_min=3), "need 1 <= k_min <= k_max <= n_exp, got k_min=3, k_max=2, n_exp=4"),
     (dict(k_pool=2), "k_pool must be in (k_exp, n_exp] = (2, 4], got 2"),
+    (dict(width_mix=(0.5, 0.5)), "--width_mix needs one probability per grid width, widest first: 4 for 1, 0.75, "
+                                 "0.5, 0.25 (w_min=0.25, width_grid=0.25); got 2"),
+    (dict(width_mix=(0.6, 0.6, 0.2, -0.4)), "--width_mix values are probabilities, each >= 0"),
+    (dict(width_mix=(0.3, 0.1, 0.2, 0.5)), "--width_mix must sum to 1 (it is the law of every random width); got "
+                                           "(0.3, 0.1, 0.2, 0.5), which sums to 1.1"),
+    (dict(width_mix=TILTED, width_grid=0.0), "--width_mix gives each grid width a probability: set --width_grid > 0"),
+    (dict(p_sequence=1.5), "--p_sequence must be a share of sequences in [0, 1], got 1.5"),
 ])
 def test_keys_that_make_no_recipe_are_one_line(keys, message):
     with pytest.raises(ValueError) as e:
         recipe(**keys)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_p_full_on_the_command_line_with_a_width_mix_is_one_line():
+    # the mix's first entry is the full width's share: a --p_full beside it would be silently unused
+    with pytest.raises(ValueError) as e:
+        Recipe.of(dict(train_py_defaults(), width_mix=TILTED, p_full=0.5), MODEL, given={"p_full", "width_mix"})
+    assert str(e.value) == ("--p_full is unused with a width_mix: its first entry is the full width's share (drop "
+                            "--p_full, or give --width_mix=())")
+    assert Recipe.of(dict(train_py_defaults(), width_mix=TILTED), MODEL, given={"width_mix"}).width_mix == TILTED
+    assert Recipe.of(dict(train_py_defaults(), p_full=0.5), MODEL, given={"p_full"}).p_full == 0.5   # no mix: fine
+    assert abs(sum(recipe(width_mix=(0.3, 0.1, 0.2, 0.4 - 5e-7)).width_mix) - 1) < 1e-6   # within 1e-6 of 1
 
 
 def test_a_dense_gpt_trains_one_full_width_pass():

@@ -40,9 +40,7 @@ eval_only = False               # evaluate once and exit
 always_save_checkpoint = False  # else only when the full-width val loss improves
 init_from = "scratch"           # 'scratch', 'resume' (from out_dir), or 'upcycle:<dir>' (a dense/MoE ckpt)
 upcycle_reorder = True          # upcycling: put each expert's most important hidden units first
-wandb_log = False
-wandb_project = "nanomose"
-wandb_run_name = "run"
+wandb_log = False; wandb_project = "nanomose"; wandb_run_name = "run"
 # data
 data_dir = "data"               # prepare_data.py writes <data_dir>/<dataset>/{train,val}.bin
 dataset = "shakespeare_char"
@@ -71,6 +69,10 @@ width_sampling = "random_pair"  # random_pair (shipped: one pass, a width per (t
                                 # (the MoSE paper: full width + random ones) | sandwich | fixed | random_step | none
 p_full = 0.25                   # random_step / random_pair: probability of the full width (else a random width)
 w_min = 0.25                    # narrowest width trained
+width_mix = ()                  # () or P(each grid width), widest first: a stated law for every random width, to
+                                # tilt the draws toward the narrow ones; its first entry replaces p_full (recipes.py)
+p_sequence = 0.0                # random_pair: this share of sequences runs one width in all pairs and MoE layers,
+                                # the uniform dial's "every expert narrow", which per-pair draws almost never show
 n_random_widths = 1             # random widths per step (sandwich: besides the widest and the narrowest)
 width_grid = 0.25               # > 0: random widths snapped to this grid (the mix is printed at start-up); 0: not
 fixed_widths = (1.0, 0.5)       # the widths of width_sampling='fixed'
@@ -79,8 +81,7 @@ distill_weight = 0.0            # in-place distillation of narrower widths from 
 detach_router = False           # only the first, widest pass trains the router's weights
 width_data = "same"             # 'same': every width trains on the step's batch; 'fresh': each draws its own
 k_sampling = "none"             # none | Matryoshka MoE's layer | capacity | step | micro | top_p
-k_min = 1
-k_max = 0                       # 0 = k_exp
+k_min = 1; k_max = 0            # the k_sampling range; k_max 0 = k_exp
 k_tau = 2.0                     # capacity: P(k) ∝ k^(1/k_tau); the paper's 2 gives P ∝ sqrt(k)
 route_top_p = 0.5               # k_sampling top_p: a token's experts until their probability mass reaches this
 k_pool = 0                      # Elastic MoE co-activation sampling from the top-k_pool; 0 = off
@@ -94,8 +95,7 @@ max_iters = 2000                # the configs give a training compute instead (m
 max_train_flops = 0.0           # > 0: train for this many FLOPs (forward + backward, all passes) instead of
                                 # max_iters; the LR schedule then runs on spent compute (see schedule_clock)
 weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.99                    # 0.99 rather than 0.95: few tokens per step
+beta1 = 0.9; beta2 = 0.99       # beta2 0.99 rather than 0.95: few tokens per step
 grad_clip = 1.0
 decay_lr = True
 warmup_iters = 50
@@ -138,7 +138,7 @@ try:
                         dropout=dropout, bias=bias, n_exp=n_exp, k_exp=k_exp, moe_stride=moe_stride,
                         expert_hidden=expert_hidden, width_multiple=width_multiple, aux_loss_weight=aux_loss_weight,
                         z_loss_weight=z_loss_weight, hr_loss_weight=hr_loss_weight)
-    recipe = Recipe.of(config, gptconf)   # the width and k keys above, checked (a dense GPT: one full-width pass)
+    recipe = Recipe.of(config, gptconf, command_line)   # the width and k keys above, checked (dense: one pass)
     if n_exp and any(not 1 <= k <= n_exp for k in eval_k):
         raise ValueError(f"eval_k values must be in [1, n_exp={n_exp}], got {eval_k}")
 except ValueError as e:
@@ -385,7 +385,7 @@ def replay(widths, ks, batches):
         for micro_step, (X, Y) in enumerate(batches[i]):
             mb = micro_step * ddp_world_size + ddp_rank
             with ctx:
-                raw_model(X, Y, width=width_of(recipe, width, iter_num, mb) if n_exp else None,
+                raw_model(X, Y, width=width_of(recipe, width, iter_num, mb, X.size(1)) if n_exp else None,
                           k_exp=k_of(recipe, ks, mb), k_pool=recipe.k_pool or None, route_top_p=route_top_p)
             yield width
 
@@ -432,7 +432,7 @@ while True:
                 sync_now = micro_step == gradient_accumulation_steps - 1 and i == len(widths) - 1
                 model.require_backward_grad_sync = sync_now
             with ctx:
-                out = model(X, Y, width=width_of(recipe, width, iter_num, mb) if n_exp else None,
+                out = model(X, Y, width=width_of(recipe, width, iter_num, mb, X.size(1)) if n_exp else None,
                             k_exp=k_of(recipe, ks, mb), k_pool=recipe.k_pool or None, route_top_p=route_top_p)
                 loss = out.loss + out.router_loss
                 if teacher is not None:   # in-place distillation: learn the widest width's predictions too
