@@ -1,4 +1,4 @@
-"""Tests of the dials of issue 11: Matryoshka MoE's training variants (capacity-aware k, top-p routing, a k per
+"""Tests of the dials: Matryoshka MoE's training variants (capacity-aware k, top-p routing, a k per
 micro-batch), per-layer dials in the scripts, the gamma search and the layer-wise budget allocator.
 Run: python -m pytest -q test_dials.py"""
 
