@@ -71,8 +71,9 @@ json_path = ""                  # --json=rows.json
 device = "cpu"
 dtype = "float32"
 seed = 1337
+given = set()                   # the keys given on the command line (filled by configure)
 # -----------------------------------------------------------------------------
-config = configure(globals(), aliases={"json": "json_path"})
+config = configure(globals(), aliases={"json": "json_path"}, given=given)
 check_ranges(config, {   # every number in its range before any work
     **{k: (lambda v: v >= 1, ">= 1") for k in ("repeats", "n_layer", "n_head", "n_embd", "n_exp", "k_exp",
                                              "moe_stride", "expert_hidden", "width_multiple", "vocab_size",
@@ -82,7 +83,10 @@ check_ranges(config, {   # every number in its range before any work
     "gammas": (lambda v: v >= 0, ">= 0"), "router_std": (lambda v: v > 0, "> 0"),
 })
 parts = tuple(p for s in parts for p in s.split(","))   # --parts=layer,model arrives as one string
-dims = f"{n_layer} layers, n_embd {n_embd}, {n_exp} experts of {expert_hidden}, an MoE layer every {moe_stride}"
+SIZES = ("n_layer", "n_head", "n_embd", "n_exp", "k_exp", "moe_stride", "expert_hidden", "width_multiple", "vocab_size",
+         "block_size")
+dims = "OpenWebText-small" if not given & set(SIZES) else \
+    f"{n_layer} layers, n_embd {n_embd}, {n_exp} experts of {expert_hidden}, an MoE layer every {moe_stride}"
 if clock not in ("wall", "cpu"):
     fail(f"clock must be 'wall' or 'cpu', got '{clock}'")
 unknown = set(parts) - {"layer", "model", "train", "decode", "fast", "nanomoe"}

@@ -18,9 +18,11 @@ def test_bench_speed_runs_every_part_and_writes_json(tmp_path):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
+    # the toy's sizes are named in the part (the OpenWebText-small sizes would be called that)
+    dims = "2 layers, n_embd 64, 8 experts of 128, an MoE layer every 2"
     assert {r["part"] for r in rows} >= {"layer forward (fast)", "layer forward+backward (plain)", "fast",
-                                         "model forward (OpenWebText-small, random weights)",
-                                         "training step (OpenWebText-small, AdamW)", "decode"}
+                                         f"model forward ({dims}, random weights)", f"training step ({dims}, AdamW)",
+                                         "decode"}
     layer = {r["point"]: r for r in rows if r["part"] == "layer forward (fast)"}
     assert layer["uniform 0.5"]["flops_ratio"] == 0.5 and layer["uniform 1"]["time_ratio"] == 1.0
     assert 0.4 < layer["confidence gamma=1 budget=0.5"]["flops_ratio"] < 0.6   # Gamma fitted to the budget
@@ -29,7 +31,7 @@ def test_bench_speed_runs_every_part_and_writes_json(tmp_path):
     # decoding that recomputes the window past block_size is timed only where 70 tokens outgrow it: the toy
     # OpenWebText-small (block 64), not the Shakespeare model (block 128)
     assert "openwebtext-small width 1 recomputed" in decode and "shakespeare (0.8M) width 1 recomputed" not in decode
-    train = {r["point"]: r for r in rows if r["part"] == "training step (OpenWebText-small, AdamW)"}
+    train = {r["point"]: r for r in rows if r["part"] == f"training step ({dims}, AdamW)"}
     assert train["MoSE step (width 1 + 0.5)"]["flops_ratio"] > 1.0                  # two passes
     assert 0.5 < train["MoSE step (random_pair, p_full 0.25)"]["flops_ratio"] < 1.0   # one pass, narrower pairs
     fast = {r["point"]: r for r in rows if r["part"] == "fast"}
