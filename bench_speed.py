@@ -84,7 +84,7 @@ check_ranges(config, {   # every number in its range before any work
 })
 parts = tuple(p for s in parts for p in s.split(","))   # --parts=layer,model arrives as one string
 SIZES = ("n_layer", "n_head", "n_embd", "n_exp", "k_exp", "moe_stride", "expert_hidden", "width_multiple", "vocab_size",
-         "block_size")
+         "block_size")   # the model's: owt_config builds it from them; given as flags, the tables name them
 dims = "OpenWebText-small" if not given & set(SIZES) else \
     f"{n_layer} layers, n_embd {n_embd}, {n_exp} experts of {expert_hidden}, an MoE layer every {moe_stride}"
 if clock not in ("wall", "cpu"):
@@ -129,11 +129,7 @@ print(f"torch {torch.__version__}, {device}, {dtype}, {torch.get_num_threads()} 
 
 
 def owt_config(**kw):
-    args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_exp=n_exp, k_exp=k_exp, moe_stride=moe_stride,
-                expert_hidden=expert_hidden, width_multiple=width_multiple, vocab_size=vocab_size,
-                block_size=block_size)
-    args.update(kw)
-    return GPTConfig(**args)
+    return GPTConfig(**{**{k: config[k] for k in SIZES}, **kw})   # the sizes above, as given, and kw's changes
 
 
 def sharpen_routers(module):
