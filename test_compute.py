@@ -231,3 +231,52 @@ def test_bench_reports_training_flops_and_scores_the_holdout(char_data, tmp_path
     p = bench(f"--compare={tmp_path / 'plain'}", "--split=holdout")
     assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert "--split=holdout needs every model trained with the same --holdout_tokens" in p.stderr
+
+
+# --- plot_budget.py: the gaps between sizes, and between MoSE and the model trained for a width, per budget ----
+
+def test_plot_budget_gaps_are_the_runs_own_losses(char_data, tmp_path):
+    # two budgets, each with the MoE (h = 64), the half-size MoE (h = 32, two seeds at the small budget) and
+    # MoSE: every gap printed is a difference of the losses the runs logged, seeds averaged
+    import subprocess
+    import sys
+    runs = {(2e9, "moe"): ["--width_sampling=none"], (2e9, "half"): ["--width_sampling=none", "--expert_hidden=32"],
+            (2e9, "half-s7"): ["--width_sampling=none", "--expert_hidden=32", "--seed=7"], (2e9, "mose"): [],
+            (4e9, "moe"): ["--width_sampling=none"], (4e9, "half"): ["--width_sampling=none", "--expert_hidden=32"],
+            (4e9, "mose"): []}
+    for (budget, name), extra in runs.items():
+        train(char_data, tmp_path / f"{budget:g}-{name}", f"--max_train_flops={budget:g}", "--eval_interval=1000",
+              "--holdout_tokens=3000", "--eval_k=()", *extra)
+    last = lambda d, w: [r for r in log_rows(tmp_path / d) if "holdout/w=1" in r][-1][f"holdout/w={w:g}"]
+    import plot_budget
+    table = plot_budget.gaps([plot_budget.read_run(tmp_path / f"{b:g}-{n}", "holdout") for b, n in runs])
+    assert sorted(table) == [2e9, 4e9] and sorted(table[2e9]) == [0.25, 0.5, 0.75, 1.0]
+    half = (last("2e+09-half", 1) + last("2e+09-half-s7", 1)) / 2
+    assert table[2e9][0.5]["width_pays"] == pytest.approx(half - last("2e+09-moe", 1))
+    assert table[2e9][0.5]["mose_gap"] == pytest.approx(last("2e+09-mose", 0.5) - half)
+    assert table[2e9][0.5]["dedicated"][1:] == (pytest.approx(abs(last("2e+09-half", 1) - last("2e+09-half-s7", 1))), 2)
+    assert table[2e9][1.0]["width_pays"] is None   # MoSE's full width against the plain MoE
+    assert table[2e9][1.0]["mose_gap"] == pytest.approx(last("2e+09-mose", 1) - last("2e+09-moe", 1))
+    assert table[4e9][0.5]["mose_gap"] == pytest.approx(last("4e+09-mose", 0.5) - last("4e+09-half", 1))
+    assert table[4e9][0.25]["mose_gap"] is None and table[4e9][0.25]["mose"][0] == pytest.approx(last("4e+09-mose", 0.25))
+    script = lambda *a: subprocess.run([sys.executable, "plot_budget.py", *map(str, a)], capture_output=True, text=True,
+                                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    import importlib.util
+    plot = [f"--plot={tmp_path / 'budget.png'}"] if importlib.util.find_spec("matplotlib") else []
+    p = script(*(tmp_path / f"{b:g}-{n}" for b, n in runs), *plot)
+    assert p.returncode == 0, p.stderr
+    assert not plot or (tmp_path / "budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    row = next(line.split() for line in p.stdout.splitlines() if line.startswith("2.00e+09   0.5"))
+    assert row[-2:] == [f"{table[2e9][0.5]['width_pays']:+.4f}", f"{table[2e9][0.5]['mose_gap']:+.4f}"]
+    # a folder that is no run, a run stopped before its budget, two runs that are not seeds of one recipe (their
+    # mean would hide a difference), bad flags: one clear line each
+    log = (tmp_path / "4e+09-moe" / "log.jsonl").read_text().splitlines()
+    shutil.copytree(tmp_path / "4e+09-moe", tmp_path / "cut")
+    (tmp_path / "cut" / "log.jsonl").write_text("\n".join(line for line in log if json.loads(line)["iter"] == 0))
+    train(char_data, tmp_path / "other-rate", "--max_train_flops=4e9", "--eval_interval=1000", "--holdout_tokens=3000",
+          "--eval_k=()", "--width_sampling=none", "--learning_rate=1e-3")
+    for args, message in (((tmp_path,), "is not a train.py run"), ((tmp_path / "cut",), "finish it"),
+                          ((tmp_path / "4e+09-moe", tmp_path / "other-rate"), "differ in learning_rate, not only in seed"), ((tmp_path / "4e+09-moe", "--split=hold"), "usage"),
+                          ((tmp_path / "4e+09-moe", "--splt=val"), "--splt=val is not one of these")):
+        p = script(*args)
+        assert p.returncode != 0 and "Traceback" not in p.stderr and message in p.stderr, p.stderr
