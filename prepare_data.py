@@ -187,7 +187,7 @@ def prepare_openwebtext(out, num_proc=8):
 
 
 # -----------------------------------------------------------------------------
-# Project Gutenberg, split by author: text that is not repeated (config/train_gutenberg_mose.py reads about 0.2 of
+# Project Gutenberg, split by author: text that is not repeated (config/train_gutenberg_mose.py reads about 0.65 of
 # it, drawn at random) and a validation split by writers the model never read. The books are
 # DIR/<Author>/<Title>.txt, raw as Project Gutenberg distributes them. Without --input they come from the public
 # repository rcdm-uga/Gutenberg_Text (3,445 books in 98 author folders, 1.2 GB of text); the copy this project's

@@ -203,6 +203,42 @@ def test_the_gutenberg_configs_holdout_is_the_shared_copys_last_3_authors(shared
         in p.stdout, p.stdout[-2000:]
 
 
+def test_the_gutenberg_configs_train_and_their_comments_state_their_numbers(char_data, tmp_path):
+    # each config trains as written (its shape, recipe and rate; a tiny run on Shakespeare's characters), and the
+    # FLOPs per token and step counts its comments state are what the model and the budget give (vocabulary 211)
+    import re
+    from recipes import RandomWidth
+    text = {n: open(f"config/train_gutenberg_{n}.py").read().replace(",", "") for n in ("mose", "moe", "dense")}
+    for name in text:
+        p = train(char_data, tmp_path / name, f"config/train_gutenberg_{name}.py", "--dataset=shakespeare_char",
+                  "--holdout_authors=0", "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--batch_size=2",
+                  f"--out_dir={tmp_path / name}")
+        cfg = torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["config"]
+        assert (cfg["n_embd"], cfg["n_head"], cfg["moe_stride"], cfg["learning_rate"]) == (32, 2, 1, 4e-3), cfg
+        assert cfg["n_exp"] == (0 if name == "dense" else 8) and cfg["max_iters"] == 2, cfg
+        assert name == "dense" or cfg["width_sampling"] == {"mose": "random_pair", "moe": "none"}[name], cfg
+    v = {}
+    exec("exec(open('config/train_gutenberg_mose.py').read())", {}, v)
+    shape = dict(vocab_size=211, block_size=v["block_size"], n_layer=v["n_layer"], n_head=v["n_head"],
+                 n_embd=v["n_embd"], n_exp=v["n_exp"], k_exp=v["k_exp"], moe_stride=v["moe_stride"], bias=False)
+    steps = lambda f, budget=v["max_train_flops"]: f"{round(budget / (3 * f * v['batch_size'] * v['block_size']))} steps"
+    flops = {H: GPT(GPTConfig(**shape, expert_hidden=H)).flops_breakdown() for H in (128, 96, 64, 32)}
+    r = RandomWidth(v["p_full"], v["w_min"], v["width_grid"])
+    frac = sum(p * w for w, p in r.mix().items())                                    # 0.719: h(w) / H exact here
+    mose = flops[128]["non_expert"] + frac * flops[128]["experts"]
+    dense = GPT(GPTConfig(**dict(shape, n_exp=0))).flops_per_token()
+    assert f"{mose / 1e3:.1f}k for a mean random_pair step ({frac:.3f}" in text["mose"]
+    assert f"{flops[128]['total'] / 1e3:.1f}k for the MoE at full width" in text["mose"]
+    assert " / ".join(f"{flops[H]['total'] / 1e3:.1f}k" for H in (96, 64, 32)) in text["mose"]
+    assert re.search(f"MoSE \\(random_pair\\) +{steps(mose)}", text["mose"])
+    assert re.search(f"plain MoE +{steps(flops[128]['total'])}", text["mose"])
+    assert f"{steps(flops[128]['total'])}" in text["moe"] and f"{steps(dense)}" in text["dense"]
+    assert " / ".join(str(round(v["max_train_flops"] / (3 * flops[H]["total"] * 4096))) for H in (96, 64, 32)) \
+        in text["mose"]
+    quarter = [str(round(v["max_train_flops"] / 4 / (3 * flops[H]["total"] * 4096))) for H in (128, 96, 64, 32)]
+    assert f"({' / '.join(quarter)} steps)" in text["moe"]
+
+
 # --- bench_flops.py: training compute beside the rows, recipes scored on held-out training text -----------
 
 def test_bench_reports_training_flops_and_scores_the_holdout(char_data, tmp_path):
