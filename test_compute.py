@@ -295,6 +295,13 @@ def test_plot_budget_gaps_are_the_runs_own_losses(char_data, tmp_path):
     assert table[2e9][1.0]["mose_gap"] == pytest.approx(last("2e+09-mose", 1) - last("2e+09-moe", 1))
     assert table[4e9][0.5]["mose_gap"] == pytest.approx(last("4e+09-mose", 0.5) - last("4e+09-half", 1))
     assert table[4e9][0.25]["mose_gap"] is None and table[4e9][0.25]["mose"][0] == pytest.approx(last("4e+09-mose", 0.25))
+    # a run from an older commit lacks the keys that came later (their defaults kept its behaviour): still a seed
+    shutil.copytree(tmp_path / "2e+09-half-s7", tmp_path / "older")
+    ckpt = torch.load(tmp_path / "older" / "ckpt.pt", weights_only=True)
+    del ckpt["config"]["p_sequence"], ckpt["config"]["holdout_authors"]
+    torch.save(ckpt, tmp_path / "older" / "ckpt.pt")
+    older = plot_budget.gaps([plot_budget.read_run(tmp_path / d, "holdout") for d in ("2e+09-moe", "2e+09-half", "older")])
+    assert older[2e9][0.5]["dedicated"][2] == 2
     script = lambda *a: subprocess.run([sys.executable, "plot_budget.py", *map(str, a)], capture_output=True, text=True,
                                        cwd=os.path.dirname(os.path.abspath(__file__)))
     import importlib.util
