@@ -149,22 +149,36 @@ def gpu_peak_flops(device):
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def heap_trimmer(every=10):
-    """A function to call once a step that, every `every` calls, hands the C heap's freed pages back to the OS
-    (glibc's malloc_trim); a no-op where there is no glibc. Why: on the CPU a slimmable step allocates tensors of
-    ever-changing sizes (each pair's h differs from step to step), and glibc keeps large freed blocks in its heap
-    rather than unmapping them; the holes do not fit the next step's sizes, so a MoSE run's memory grows by hundreds
-    of MB where a plain MoE's stays flat. Each trim costs re-faulting those pages once: every 10 steps, within the
-    noise of a step's time."""
+def heap_trimmer(grow=1.5):
+    """A function to call once a step that hands the C heap's freed pages back to the OS (glibc's malloc_trim)
+    whenever the process's resident memory has grown to `grow` times what the last trim left; a no-op where there
+    is no glibc or no /proc. Why: on the CPU a slimmable step allocates tensors of ever-changing sizes (each pair's
+    h differs from step to step), and glibc keeps large freed blocks in its heap rather than unmapping them; the
+    holes do not fit the next step's sizes, so a MoSE run's memory grows by hundreds of MB where a plain MoE's stays
+    flat. Trimming on growth, not on a clock, bounds the peak at `grow` times what a step really holds however long
+    the run, and trims only as often as that needs (1.5: about every 8th step of the Gutenberg config; each trim
+    costs re-faulting the pages it freed)."""
     import ctypes
     import ctypes.util
-    import itertools
     try:
         trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):   # macOS, Windows, musl: nothing to do
+        page = os.sysconf("SC_PAGE_SIZE")
+        open("/proc/self/statm").close()
+    except (OSError, AttributeError, ValueError):   # macOS, Windows, musl: nothing to do
         return lambda: None
-    calls = itertools.count(1)
-    return lambda: trim(0) if next(calls) % every == 0 else None
+
+    def resident():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    limit = [0]
+
+    def trim_if_grown():
+        if resident() > limit[0]:
+            if limit[0]:
+                trim(0)
+            limit[0] = grow * resident()
+    return trim_if_grown
 
 
 def report_lost_rank(rank, default=sys.excepthook):
