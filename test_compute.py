@@ -221,7 +221,8 @@ def test_the_gutenberg_configs_train_and_their_comments_state_their_numbers(char
     exec("exec(open('config/train_gutenberg_mose.py').read())", {}, v)
     shape = dict(vocab_size=211, block_size=v["block_size"], n_layer=v["n_layer"], n_head=v["n_head"],
                  n_embd=v["n_embd"], n_exp=v["n_exp"], k_exp=v["k_exp"], moe_stride=v["moe_stride"], bias=False)
-    steps = lambda f, budget=v["max_train_flops"]: f"{round(budget / (3 * f * v['batch_size'] * v['block_size']))} steps"
+    n_steps = lambda f, budget=v["max_train_flops"]: round(budget / (3 * f * v["batch_size"] * v["block_size"]))
+    steps = lambda f: f"{n_steps(f)} steps"
     flops = {H: GPT(GPTConfig(**shape, expert_hidden=H)).flops_breakdown() for H in (128, 96, 64, 32)}
     r = RandomWidth(v["p_full"], v["w_min"], v["width_grid"])
     frac = sum(p * w for w, p in r.mix().items())                                    # 0.719: h(w) / H exact here
@@ -233,9 +234,8 @@ def test_the_gutenberg_configs_train_and_their_comments_state_their_numbers(char
     assert re.search(f"MoSE \\(random_pair\\) +{steps(mose)}", text["mose"])
     assert re.search(f"plain MoE +{steps(flops[128]['total'])}", text["mose"])
     assert f"{steps(flops[128]['total'])}" in text["moe"] and f"{steps(dense)}" in text["dense"]
-    assert " / ".join(str(round(v["max_train_flops"] / (3 * flops[H]["total"] * 4096))) for H in (96, 64, 32)) \
-        in text["mose"]
-    quarter = [str(round(v["max_train_flops"] / 4 / (3 * flops[H]["total"] * 4096))) for H in (128, 96, 64, 32)]
+    assert " / ".join(str(n_steps(flops[H]["total"])) for H in (96, 64, 32)) in text["mose"]
+    quarter = [str(n_steps(flops[H]["total"], v["max_train_flops"] / 4)) for H in (128, 96, 64, 32)]
     assert f"({' / '.join(quarter)} steps)" in text["moe"]
 
 
