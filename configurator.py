@@ -152,12 +152,13 @@ def gpu_peak_flops(device):
 def heap_trimmer(grow=1.5):
     """A function to call once a step that hands the C heap's freed pages back to the OS (glibc's malloc_trim)
     whenever the process's resident memory has grown to `grow` times what the last trim left; a no-op where there
-    is no glibc or no /proc. Why: on the CPU a slimmable step allocates tensors of ever-changing sizes (each pair's
-    h differs from step to step), and glibc keeps large freed blocks in its heap rather than unmapping them; the
-    holes do not fit the next step's sizes, so a MoSE run's memory grows by hundreds of MB where a plain MoE's stays
-    flat. Trimming on growth, not on a clock, bounds the peak at `grow` times what a step really holds however long
-    the run, and trims only as often as that needs (1.5: about every 8th step of the Gutenberg config; each trim
-    costs re-faulting the pages it freed)."""
+    is no glibc or no /proc. Why: on the CPU a slimmable step whose widths are drawn independently allocates
+    tensors of ever-changing sizes (the rows at each width change from step to step), and glibc keeps large freed
+    blocks in its heap rather than unmapping them; the holes do not fit the next step's sizes, so the memory grows
+    by hundreds of MB where a plain MoE's stays flat. random_pair draws exact shares on a grid (recipes.draw_mix),
+    which keeps the sizes and the memory flat; continuous widths, one-width sequences and the other recipes still
+    vary them. Trimming on growth, not on a clock, bounds the peak at `grow` times what a step really holds however
+    long the run, and trims only as often as that needs (each trim costs re-faulting the pages it freed)."""
     import ctypes
     import ctypes.util
     try:

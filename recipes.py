@@ -8,7 +8,8 @@ Widths (width_sampling), with what a step costs in forward + backward passes ove
 narrower width costs less: only its experts' FLOPs shrink, attention and the rest stay as they are):
 
   random_pair   1 pass    every (token, expert) pair draws its own width (RandomWidth): the full width with
-                          probability p_full, else uniform in [w_min, 1] on the grid; the shipped recipe
+                          probability p_full, else uniform in [w_min, 1] on the grid, each pass in the law's
+                          exact shares (draw_mix: why); the shipped recipe
   max_random    1 + n     the MoSE paper: the full width, then n = n_random_widths random widths (draw_step_width)
   sandwich      2 + n     slimmable networks: the widest, the narrowest (w_min), n random widths between
   fixed         len       every width of fixed_widths, widest first
@@ -169,10 +170,18 @@ def check_mix(width_mix, w_min, grid):
 
 
 def draw_mix(width_mix, shape, gen):
-    """Indices into grid_widths of `shape`, drawn by the law width_mix: one uniform number each, inverse CDF."""
+    """Indices into width_mix of `shape`, each drawn by the law width_mix, in exact shares: n evenly spaced points
+    (one random offset) through the inverse CDF give index i floor or ceil of n p_i of the draws, then a random
+    permutation places them. Each draw alone still has the law width_mix. Why exact: a pass then runs the same
+    number of rows at each width every step, so its tensors keep their sizes and the C heap reuses their
+    memory; with independent draws the sizes change every step, the heap fragments and a run spends its time
+    in malloc and page faults (RESULTS.md, "memory": what the exact shares save)."""
     cdf = torch.tensor(width_mix, dtype=torch.float64).cumsum(0) / sum(width_mix)
     cdf[max(i for i, p in enumerate(width_mix) if p > 0):] = 1.0   # never past the last width of probability > 0
-    return torch.searchsorted(cdf, torch.rand(shape, generator=gen).double(), right=True)
+    n = math.prod(shape)
+    u = (torch.rand((), generator=gen).double() + torch.arange(n, dtype=torch.float64)) / n     # (n,)
+    i = torch.searchsorted(cdf, u, right=True)
+    return (i[torch.randperm(n, generator=gen)] if n > 1 else i).view(shape)
 
 
 class RandomWidth(WidthPolicy):
@@ -184,11 +193,13 @@ class RandomWidth(WidthPolicy):
     Snapping a uniform draw gives the grid's two end points half the share of the inner points: with the
     defaults the widths 1 / 0.75 / 0.5 / 0.25 are drawn 37.5 / 25 / 25 / 12.5 % of the time (`mix` computes
     it). width_mix states the law instead: one probability per grid_widths(w_min, grid), widest first (p_full
-    is then unused). Draws come from `generator` (a CPU torch.Generator: a resumed run continues the same stream).
+    is then unused). On a grid each call draws its pairs in the law's exact shares (draw_mix), so a pass's
+    tensors keep their sizes; each pair alone still has the law. Draws come from `generator` (a CPU
+    torch.Generator: a resumed run continues the same stream).
 
     p_sequence > 0: that share of the pass's sequences (seq_len consecutive tokens of the (B*T) flattened
     ones, as MoSELayer flattens them) runs one width, drawn by the same law, in all its pairs of every MoE
-    layer. Those widths are drawn once per forward pass, at its first MoE layer (moe_index 0), and kept for the
+    layer (that share and those widths in exact shares too). Those widths are drawn once per forward pass, at its first MoE layer (moe_index 0), and kept for the
     others: one RandomWidth is one pass (width_of makes one per pass and micro-batch). At p_sequence = 0 no
     more numbers are drawn than without it."""
 
@@ -203,9 +214,11 @@ class RandomWidth(WidthPolicy):
         self.sequences = None   # this pass's (which sequences run one width, that width), drawn at moe_index 0
 
     def draw(self, shape):
-        """Widths of `shape` by the law of one pair (float32, on the CPU)."""
-        if self.width_mix:
-            return torch.tensor(grid_widths(self.w_min, self.grid))[draw_mix(self.width_mix, shape, self.generator)]
+        """Widths of `shape` by the law of one pair (float32, on the CPU): on a grid in the mix's exact shares
+        (draw_mix), continuous widths each drawn alone."""
+        if self.grid:
+            widths, law = zip(*self.mix().items())
+            return torch.tensor(widths)[draw_mix(law, shape, self.generator)]
         u = torch.rand((2, *shape), generator=self.generator)                 # (2, *shape)
         w = self.w_min + (1 - self.w_min) * u[1]
         if self.grid:
@@ -213,18 +226,20 @@ class RandomWidth(WidthPolicy):
         return torch.where(u[0] < self.p_full, 1.0, w)
 
     def __call__(self, gates, moe_index):
-        w = self.draw(gates.shape)                                             # (N, k) on the CPU
-        if self.p_sequence:
-            N, T = gates.size(0), self.seq_len
-            if not T or N % T:
-                raise ValueError(f"p_sequence needs the length of the sequences of a pass's {N} tokens: give "
-                                 f"RandomWidth seq_len (width_of's), got {T}")
-            if moe_index == 0 or self.sequences is None:   # a new pass: the same sequences' widths in every layer
-                self.sequences = (torch.rand(N // T, generator=self.generator) < self.p_sequence,
-                                  self.draw((N // T,)))
-            one, width = (x.repeat_interleave(T)[:, None] for x in self.sequences)   # (N, 1) each
-            w = torch.where(one, width, w)
-        return w.to(gates.device)
+        if not self.p_sequence:
+            return self.draw(gates.shape).to(gates.device)                     # (N, k)
+        (N, k), T = gates.shape, self.seq_len
+        if not T or N % T:
+            raise ValueError(f"p_sequence needs the length of the sequences of a pass's {N} tokens: give "
+                             f"RandomWidth seq_len (width_of's), got {T}")
+        if moe_index == 0 or self.sequences is None:   # a new pass: the same sequences' widths in every layer
+            one = draw_mix((1 - self.p_sequence, self.p_sequence), (N // T,), self.generator).bool()
+            self.sequences = (one, self.draw((int(one.sum()),)))
+        one, width = self.sequences                                            # (N // T,), (sequences of one,)
+        w = torch.empty(N // T, T, k)
+        w[one] = width[:, None, None]
+        w[~one] = self.draw((int((~one).sum()), T, k))                        # the other pairs, each its own
+        return w.view(N, k).to(gates.device)
 
     def mix(self):
         """{width: probability} of what __call__ draws on the grid (None without one: the draw is continuous):

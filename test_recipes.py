@@ -253,9 +253,10 @@ def old_draw_step_width(recipe, gen):
     return min(1.0, max(recipe.w_min, round(u / recipe.width_grid) * recipe.width_grid))
 
 
-@pytest.mark.parametrize("keys", [{}, dict(p_full=0.5, width_grid=0.0), dict(w_min=0.3, width_grid=0.05)])
-def test_the_defaults_draw_exactly_what_they_drew_before(keys):
-    # width_mix=() and p_sequence=0: the same numbers from the same generator, and no more of them
+@pytest.mark.parametrize("keys", [dict(p_full=0.5, width_grid=0.0), dict(w_min=0.3, width_grid=0.0)])
+def test_continuous_widths_draw_exactly_what_they_drew_before(keys):
+    # off the grid there are no shares to keep (every width differs): each pair draws alone, as before width_mix,
+    # p_sequence and the exact shares, the same numbers from the same generator and no more of them
     r = recipe(**keys)
     assert (r.width_mix, r.p_sequence) == ((), 0.0)
     pair = sample_widths(r, torch.Generator())[0]
@@ -271,6 +272,32 @@ def test_the_defaults_draw_exactly_what_they_drew_before(keys):
     assert [sample_widths(r, new) for _ in range(200)] == \
         [[1.0 if torch.rand((), generator=old).item() < r.p_full else old_draw_step_width(r, old)] for _ in range(200)]
     assert torch.equal(new.get_state(), old.get_state())
+
+
+@pytest.mark.parametrize("keys", [{}, dict(w_min=0.3, width_grid=0.05), dict(width_mix=(0.3, 0.1, 0.2, 0.4)),
+                                  dict(p_sequence=0.5), dict(width_mix=(0.5, 0.0, 0.25, 0.25), p_sequence=0.3)])
+def test_grid_widths_come_in_the_mixs_exact_shares_every_pass(keys):
+    # every layer of every pass runs floor or ceil of n p of its n pairs at each width p (so the tensors keep their
+    # sizes from step to step, give or take a row), in places that change from layer to layer and pass to pass;
+    # p_sequence: floor or ceil of p_sequence S of the S sequences run one width, their widths in exact shares too
+    r = recipe(**keys)
+    mix = RandomWidth(r.p_full, r.w_min, r.width_grid, width_mix=r.width_mix).mix()
+    T, k, S, seen = 32, 2, 8, set()
+    for step in range(6):
+        policy = width_of(r, sample_widths(r, torch.Generator())[0], step=step, micro_batch=0, seq_len=T)
+        for layer in range(2):
+            w = policy(torch.zeros(S * T, k), layer)
+            c = {x: int((w == x).sum()) for x in mix}
+            assert sum(c.values()) == w.numel(), (c, mix)
+            slack = T * k + 1 if r.p_sequence else 1   # a sequence's pairs: S p need not be whole
+            assert all(abs(c[x] - p * w.numel()) < slack for x, p in mix.items()), (c, mix)
+            seen.add(tuple(w.flatten().tolist()))
+            if r.p_sequence:
+                one, width = policy.sequences
+                assert abs(int(one.sum()) - r.p_sequence * S) < 1
+                assert all(abs(int((width == x).sum()) - p * len(width)) < 1 for x, p in mix.items())
+                assert torch.equal(w.view(S, T * k)[one], width[:, None].expand(-1, T * k))
+    assert len(seen) == 12
 
 
 def test_p_sequence_needs_the_sequence_length():
