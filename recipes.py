@@ -199,9 +199,9 @@ class RandomWidth(WidthPolicy):
 
     p_sequence > 0: that share of the pass's sequences (seq_len consecutive tokens of the (B*T) flattened
     ones, as MoSELayer flattens them) runs one width, drawn by the same law, in all its pairs of every MoE
-    layer (that share and those widths in exact shares too). Those widths are drawn once per forward pass, at its first MoE layer (moe_index 0), and kept for the
-    others: one RandomWidth is one pass (width_of makes one per pass and micro-batch). At p_sequence = 0 no
-    more numbers are drawn than without it."""
+    layer (that share and those widths in exact shares too). Those widths are drawn once per forward pass, at its
+    first MoE layer (moe_index 0), and kept for the others: one RandomWidth is one pass (width_of makes one per
+    pass and micro-batch)."""
 
     def __init__(self, p_full=0.25, w_min=0.25, grid=0.25, generator=None, width_mix=(), p_sequence=0.0,
                  seq_len=None):
