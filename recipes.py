@@ -220,10 +220,7 @@ class RandomWidth(WidthPolicy):
             widths, law = zip(*self.mix().items())
             return torch.tensor(widths)[draw_mix(law, shape, self.generator)]
         u = torch.rand((2, *shape), generator=self.generator)                 # (2, *shape)
-        w = self.w_min + (1 - self.w_min) * u[1]
-        if self.grid:
-            w = (torch.round(w / self.grid) * self.grid).clamp(self.w_min, 1.0)
-        return torch.where(u[0] < self.p_full, 1.0, w)
+        return torch.where(u[0] < self.p_full, 1.0, self.w_min + (1 - self.w_min) * u[1])
 
     def __call__(self, gates, moe_index):
         if not self.p_sequence:
