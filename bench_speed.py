@@ -41,6 +41,8 @@ from configurator import check_ranges, configure, fail, setup_device
 from model import GPT, ConfidenceWidth, GPTConfig, MoSELayer
 from recipes import RandomWidth
 
+SHIPPED = dict(width_mix=(0.25, 0.25, 0.25, 0.25), p_sequence=0.5)   # random_pair's law: train.py's defaults
+
 # -----------------------------------------------------------------------------
 parts = ("layer", "model", "train", "decode", "fast")
 repeats = 5
@@ -258,15 +260,16 @@ if "train" in parts:
     opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
     idx = torch.randint(0, vocab_size, (train_batch, train_seq), device=device)
     F = lambda w: model.flops_breakdown(w, seq_len=train_seq)["total"]
-    # the shipped recipe (config/train_shakespeare_mose.py): one pass, a random width per (token, expert) pair
-    random_pair = RandomWidth(p_full=0.25, w_min=0.25, grid=0.25, generator=torch.Generator().manual_seed(seed))
+    # the shipped recipe (train.py's defaults): one pass, a random width per (token, expert) pair, half the sequences
+    # one width throughout
+    random_pair = RandomWidth(**SHIPPED, seq_len=train_seq,
+                              generator=torch.Generator().manual_seed(seed))
     points = {"plain MoE step (width 1)": (1.0,), f"uniform {mose_width:g} step": (mose_width,),
-              f"MoSE step (width 1 + {mose_width:g})": (1.0, mose_width),
-              "MoSE step (random_pair, p_full 0.25)": (random_pair,)}
+              f"MoSE step (width 1 + {mose_width:g})": (1.0, mose_width), "MoSE step (random_pair)": (random_pair,)}
     flops = {name: sum(F(w) for w in ws) / F(1.0) for name, ws in points.items() if random_pair not in ws}
     with torch.no_grad(), ctx:   # a policy's FLOPs: what its forward spends (the draws vary little step to step)
         spent = model(idx, idx, width=random_pair).stats["expert_flops"].item()
-    flops["MoSE step (random_pair, p_full 0.25)"] = (model.flops_breakdown(1.0, seq_len=train_seq)["non_expert"]
+    flops["MoSE step (random_pair)"] = (model.flops_breakdown(1.0, seq_len=train_seq)["non_expert"]
                                                      + spent) / F(1.0)
 
     def run(ws):
@@ -351,7 +354,7 @@ if "fast" in parts:
         seq = min(train_seq, cfg.block_size)
         idx = torch.randint(0, cfg.vocab_size, (train_batch * (train_seq // seq), seq), device=device)
         prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
-        pair = RandomWidth(p_full=0.25, w_min=0.25, grid=0.25, generator=torch.Generator().manual_seed(seed))
+        pair = RandomWidth(**SHIPPED, seq_len=seq, generator=torch.Generator().manual_seed(seed))
 
         def train_step(w):
             model.train()

@@ -7,9 +7,10 @@ that train.py seeds alike on every rank, so all ranks draw the same.
 Widths (width_sampling), with what a step costs in forward + backward passes over the step's batch (a pass at a
 narrower width costs less: only its experts' FLOPs shrink, attention and the rest stay as they are):
 
-  random_pair   1 pass    every (token, expert) pair draws its own width (RandomWidth): the full width with
-                          probability p_full, else uniform in [w_min, 1] on the grid, each pass in the law's
-                          exact shares (draw_mix: why); the shipped recipe
+  random_pair   1 pass    every (token, expert) pair draws its own width (RandomWidth) by width_mix (else the
+                          full width with probability p_full, else uniform in [w_min, 1] on the grid), each pass
+                          in the law's exact shares (draw_mix: why); the shipped recipe, with train.py's
+                          width_mix (a quarter at each grid width) and p_sequence 0.5
   max_random    1 + n     the MoSE paper: the full width, then n = n_random_widths random widths (draw_step_width)
   sandwich      2 + n     slimmable networks: the widest, the narrowest (w_min), n random widths between
   fixed         len       every width of fixed_widths, widest first
@@ -152,11 +153,12 @@ def grid_widths(w_min, grid):
 
 
 def check_mix(width_mix, w_min, grid):
-    """A width_mix that makes a law over grid_widths (() is the default law): a ValueError of one line if not."""
+    """A width_mix that makes a law over grid_widths ((): p_full's law, snapped): a ValueError of one line if not."""
     if not width_mix:
         return
     if not grid:
-        raise ValueError("--width_mix gives each grid width a probability: set --width_grid > 0 (e.g. 0.25)")
+        raise ValueError("--width_mix gives each grid width a probability: set --width_grid > 0 (e.g. 0.25), or "
+                         "--width_mix=() for continuous widths")
     widths = grid_widths(w_min, grid)
     if len(width_mix) != len(widths):
         raise ValueError(f"--width_mix needs one probability per grid width, widest first: {len(widths)} for "

@@ -32,7 +32,7 @@ def test_max_iters_on_the_command_line_wins_over_a_configs_budget(char_data, tmp
               "--out_dir=" + str(tmp_path))
     assert "--max_iters=3 on the command line wins" in p.stdout
     assert [r["iter"] for r in log_rows(tmp_path) if "loss" in r] == [1, 2, 3]
-    assert "random_pair: each (token, expert) pair draws its width, 1 with probability 0.375" in p.stdout
+    assert "random_pair: each (token, expert) pair draws its width, 1 with probability 0.250" in p.stdout
 
 
 def test_a_compute_budget_replaces_the_step_count(char_data, tmp_path):
@@ -52,7 +52,7 @@ def test_a_compute_budget_replaces_the_step_count(char_data, tmp_path):
 
     # MoSE's full + random width costs more per step: the same budget buys fewer steps, and ends within a step
     train(char_data, tmp_path / "mose", f"--max_train_flops={budget}", "--width_sampling=max_random",
-          "--width_data=fresh", "--eval_interval=100", "--width_grid=0")   # continuous: never snapped to 1
+          "--width_data=fresh", "--eval_interval=100", "--width_grid=0", "--width_mix=()")   # never snapped to 1
     rows = [r for r in log_rows(tmp_path / "mose") if "loss" in r]
     assert 6 <= len(rows) < 12
     assert budget <= rows[-1]["train_flops"] < budget + 2 * step
@@ -77,7 +77,7 @@ def test_compute_survives_resume(char_data, tmp_path):
 
 def test_random_pair_trains_one_cheaper_pass_per_step(char_data, tmp_path):
     train(char_data, tmp_path, "--max_iters=5", "--eval_interval=5", "--width_sampling=random_pair", "--p_full=0.5",
-          "--width_grid=0.25")
+          "--width_grid=0.25", "--width_mix=()", "--p_sequence=0")
     rows = [r for r in log_rows(tmp_path) if "loss" in r]
     assert all(r["widths"] == ["RandomWidth(p_full=0.5, w_min=0.25, grid=0.25)"] for r in rows)
     per_step = [b["train_flops"] - a["train_flops"] for a, b in zip(rows, rows[1:])]
@@ -88,7 +88,7 @@ def test_random_pair_trains_one_cheaper_pass_per_step(char_data, tmp_path):
 
 def test_random_pair_with_distillation_adds_a_full_width_teacher_pass(char_data, tmp_path):
     train(char_data, tmp_path, "--max_iters=3", "--eval_interval=3", "--width_sampling=random_pair", "--p_full=0.5",
-          "--width_grid=0.25", "--distill_weight=1.0")
+          "--width_grid=0.25", "--width_mix=()", "--p_sequence=0", "--distill_weight=1.0")
     rows = [r for r in log_rows(tmp_path) if "loss" in r]
     assert all(r["widths"] == [1.0, "RandomWidth(p_full=0.5, w_min=0.25, grid=0.25)"] for r in rows)
     per_step = [b["train_flops"] - a["train_flops"] for a, b in zip(rows, rows[1:])]
@@ -99,7 +99,8 @@ def test_random_pair_with_distillation_adds_a_full_width_teacher_pass(char_data,
 @pytest.mark.parametrize("keys", [
     dict(width_mix=(0.3, 0.1, 0.2, 0.4), p_sequence=0.5),
     dict(width_mix=(0.3, 0.1, 0.2, 0.4), p_sequence=0.5, distill_weight=1.0),   # + a full-width teacher pass
-    dict(p_sequence=1.0, distill_weight=0.5),                                    # the default law
+    dict(width_mix=(), p_sequence=1.0, distill_weight=0.5),                      # the snapped p_full law
+    dict(),                                                                      # the shipped recipe
 ])
 def test_random_pair_counts_the_flops_its_drawn_widths_spend(char_data, tmp_path, keys):
     # train.py's train_flops, step by step, against the FLOPs the recipe's draws spend, recomputed here from the
@@ -112,7 +113,7 @@ def test_random_pair_counts_the_flops_its_drawn_widths_spend(char_data, tmp_path
           *(f"--{key}={value}" for key, value in keys.items()))
     rows = [r for r in log_rows(tmp_path) if "loss" in r]
     model = GPT(GPTConfig(**TINY_CONFIG, moe_stride=1))                   # 2 MoE layers
-    r = recipe(model.config, **keys)
+    r = recipe(model=model.config, **keys)
     pair = RandomWidth(r.p_full, r.w_min, r.width_grid, width_mix=r.width_mix, p_sequence=r.p_sequence)
     C, H, k, N = 32, 64, 2, TOKENS_PER_STEP
     full = model.non_expert_flops + 2 * k * pair_flops(C, H)               # per token, both MoE layers
@@ -131,7 +132,7 @@ def test_random_pair_counts_the_flops_its_drawn_widths_spend(char_data, tmp_path
 ])
 def test_random_step_draws_one_width_per_step(char_data, tmp_path, p_full, check):
     train(char_data, tmp_path, "--max_iters=4", "--eval_interval=4", "--width_sampling=random_step",
-          f"--p_full={p_full}", "--width_grid=0")
+          f"--p_full={p_full}", "--width_grid=0", "--width_mix=()")
     rows = [r for r in log_rows(tmp_path) if "widths" in r]
     assert len(rows) == 4 and all(check(r["widths"]) for r in rows), rows
 
@@ -145,7 +146,7 @@ def test_holdout_is_evaluated_and_bad_values_are_one_line(char_data, tmp_path):
     assert evals[-1]["holdout/w=1"] != evals[-1]["val/w=1"]
     for bad, message in [("--holdout_tokens=32", "holdout_tokens (32) must exceed block_size (32)"),
                          ("--holdout_tokens=2000000", "after holding out 2000000"),
-                         ("--p_full=1.5", "--p_full must be a probability in [0, 1], got 1.5"),
+                         ("--p_sequence=1.5", "--p_sequence must be a share of sequences in [0, 1], got 1.5"),
                          ("--max_train_flops=-1", "--max_train_flops must be >= 0")]:
         p = train(char_data, tmp_path / "bad", bad, ok=False)
         assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
@@ -224,14 +225,14 @@ def test_the_gutenberg_configs_train_and_their_comments_state_their_numbers(char
     n_steps = lambda f, budget=v["max_train_flops"]: round(budget / (3 * f * v["batch_size"] * v["block_size"]))
     steps = lambda f: f"{n_steps(f)} steps"
     flops = {H: GPT(GPTConfig(**shape, expert_hidden=H)).flops_breakdown() for H in (128, 96, 64, 32)}
-    r = RandomWidth(v["p_full"], v["w_min"], v["width_grid"])
-    frac = sum(p * w for w, p in r.mix().items())                                    # 0.719: h(w) / H exact here
+    r = RandomWidth(w_min=v["w_min"], grid=v["width_grid"], width_mix=v["width_mix"])
+    frac = sum(p * w for w, p in r.mix().items())                                    # 0.625: h(w) / H exact here
     mose = flops[128]["non_expert"] + frac * flops[128]["experts"]
     dense = GPT(GPTConfig(**dict(shape, n_exp=0))).flops_per_token()
-    assert f"{mose / 1e3:.1f}k for a mean random_pair step ({frac:.3f}" in text["mose"]
+    assert f"{mose / 1e3:.1f}k for a mean step of the shipped" in text["mose"] and f"mean {frac:.3f} of the" in text["mose"]
     assert f"{flops[128]['total'] / 1e3:.1f}k for the MoE at full width" in text["mose"]
     assert " / ".join(f"{flops[H]['total'] / 1e3:.1f}k" for H in (96, 64, 32)) in text["mose"]
-    assert re.search(f"MoSE \\(random_pair\\) +{steps(mose)}", text["mose"])
+    assert re.search(f"MoSE +{steps(mose)}", text["mose"])
     assert re.search(f"plain MoE +{steps(flops[128]['total'])}", text["mose"])
     assert f"{steps(flops[128]['total'])}" in text["moe"] and f"{steps(dense)}" in text["dense"]
     assert " / ".join(str(n_steps(flops[H]["total"])) for H in (96, 64, 32)) in text["mose"]

@@ -38,9 +38,12 @@ def train_py_defaults():
     return values
 
 
-def recipe(model=MODEL, **keys):
-    """A Recipe of train.py's defaults with `keys` changed, for `model`."""
-    return Recipe.of(dict(train_py_defaults(), **keys), model)
+def recipe(*changes, model=MODEL, **keys):
+    """A Recipe of train.py's defaults with `changes` (dicts) and `keys` changed, for `model`."""
+    return Recipe.of(dict(train_py_defaults(), **{k: v for c in changes for k, v in c.items()}, **keys), model)
+
+
+SNAPPED = dict(width_mix=(), p_sequence=0.0)   # no stated law: the full width with p_full, else uniform snapped
 
 
 def frequencies(values):
@@ -122,11 +125,23 @@ def test_random_width_forward_spends_what_its_widths_say():
     assert out.stats["expert_flops"] < model.flops_breakdown()["experts"]
 
 
+def test_bench_speed_times_the_shipped_recipe():
+    # bench_speed.py's SHIPPED = dict(...): the law it times is train.py's default one
+    tree = ast.parse(open(os.path.join(REPO, "bench_speed.py")).read())
+    timed = {k.arg: ast.literal_eval(k.value) for n in tree.body if isinstance(n, ast.Assign)
+             and getattr(n.targets[0], "id", "") == "SHIPPED" for k in n.value.keywords}
+    assert timed == {k: train_py_defaults()[k] for k in ("width_mix", "p_sequence")}
+
+
 def test_describe_says_what_random_pair_draws():
-    assert describe(recipe()) == ("random_pair: each (token, expert) pair draws its width, 1 with probability "
-                                  "0.375, 0.75 with probability 0.250, 0.5 with probability 0.250, 0.25 with "
-                                  "probability 0.125")
-    assert describe(recipe(width_grid=0.0)).endswith("1 with probability 0.25, else uniform in [0.25, 1]")
+    assert describe(recipe()) == ("random_pair: each (token, expert) pair draws its width, 1 with probability "   # shipped
+                                  "0.250, 0.75 with probability 0.250, 0.5 with probability 0.250, 0.25 with "
+                                  "probability 0.250; a share of 0.5 of the sequences draws one width (by the same "
+                                  "law) for all its pairs in every MoE layer")
+    assert describe(recipe(SNAPPED)) == ("random_pair: each (token, expert) pair draws its width, 1 with probability "
+                                           "0.375, 0.75 with probability 0.250, 0.5 with probability 0.250, 0.25 "
+                                           "with probability 0.125")
+    assert describe(recipe(SNAPPED, width_grid=0.0)).endswith("1 with probability 0.25, else uniform in [0.25, 1]")
     assert describe(recipe(width_sampling="max_random")) is None
 
 
@@ -253,7 +268,7 @@ def old_draw_step_width(recipe, gen):
     return min(1.0, max(recipe.w_min, round(u / recipe.width_grid) * recipe.width_grid))
 
 
-@pytest.mark.parametrize("keys", [dict(p_full=0.5, width_grid=0.0), dict(w_min=0.3, width_grid=0.0)])
+@pytest.mark.parametrize("keys", [dict(SNAPPED, p_full=0.5, width_grid=0.0), dict(SNAPPED, w_min=0.3, width_grid=0.0)])
 def test_continuous_widths_draw_exactly_what_they_drew_before(keys):
     # off the grid there are no shares to keep (every width differs): each pair draws alone, as before width_mix,
     # p_sequence and the exact shares, the same numbers from the same generator and no more of them
@@ -274,8 +289,9 @@ def test_continuous_widths_draw_exactly_what_they_drew_before(keys):
     assert torch.equal(new.get_state(), old.get_state())
 
 
-@pytest.mark.parametrize("keys", [{}, dict(w_min=0.3, width_grid=0.05), dict(width_mix=(0.3, 0.1, 0.2, 0.4)),
-                                  dict(p_sequence=0.5), dict(width_mix=(0.5, 0.0, 0.25, 0.25), p_sequence=0.3)])
+@pytest.mark.parametrize("keys", [{}, SNAPPED, dict(SNAPPED, w_min=0.3, width_grid=0.05),
+                                  dict(width_mix=(0.3, 0.1, 0.2, 0.4), p_sequence=0.0), dict(width_mix=(), p_sequence=0.5),
+                                  dict(width_mix=(0.5, 0.0, 0.25, 0.25), p_sequence=0.3)])
 def test_grid_widths_come_in_the_mixs_exact_shares_every_pass(keys):
     # every layer of every pass runs floor or ceil of n p of its n pairs at each width p (so the tensors keep their
     # sizes from step to step, give or take a row), in places that change from layer to layer and pass to pass;
@@ -313,14 +329,14 @@ def test_p_sequence_needs_the_sequence_length():
 @pytest.mark.parametrize("w_min,grid", [(0.25, 0.25), (0.3, 0.25), (0.25, 0.05)])
 def test_draw_step_width_is_uniform_snapped_as_random_widths_mix_says(w_min, grid):
     # a pass's width is snapped by the same rule as a pair's: RandomWidth's mix at p_full = 0 is its law
-    r, gen = recipe(w_min=w_min, width_grid=grid), torch.Generator().manual_seed(0)
+    r, gen = recipe(SNAPPED, w_min=w_min, width_grid=grid), torch.Generator().manual_seed(0)
     drawn = frequencies([round(draw_step_width(r, gen), 6) for _ in range(20000)])
     mix = {round(w, 6): p for w, p in RandomWidth(0.0, w_min, grid).mix().items()}
     assert set(drawn) == set(mix) and all(abs(drawn[w] - p) < 0.015 for w, p in mix.items()), (drawn, mix)
 
 
 def test_draw_step_width_is_continuous_without_a_grid():
-    r, gen = recipe(w_min=0.3, width_grid=0.0), torch.Generator().manual_seed(0)
+    r, gen = recipe(SNAPPED, w_min=0.3, width_grid=0.0), torch.Generator().manual_seed(0)
     drawn = [draw_step_width(r, gen) for _ in range(2000)]
     assert min(drawn) >= 0.3 and max(drawn) <= 1.0 and len(set(drawn)) == 2000
     assert abs(sum(drawn) / 2000 - 0.65) < 0.02
@@ -347,7 +363,7 @@ def test_sample_widths_gives_each_recipes_passes_widest_first(keys, check):
 @pytest.mark.parametrize("p_full", [0.25, 0.5])
 def test_random_step_draws_the_full_width_with_p_full_else_the_grid(p_full):
     # one width per step with the law of one RandomWidth pair: the stated mix
-    r, gen = recipe(width_sampling="random_step", p_full=p_full), torch.Generator().manual_seed(0)
+    r, gen = recipe(SNAPPED, width_sampling="random_step", p_full=p_full), torch.Generator().manual_seed(0)
     drawn = frequencies([sample_widths(r, gen)[0] for _ in range(10000)])
     mix = RandomWidth(p_full, 0.25, 0.25).mix()
     assert set(drawn) == set(mix) and all(abs(drawn[w] - p) < 0.02 for w, p in mix.items()), (drawn, mix)
@@ -436,12 +452,12 @@ def test_p_full_on_the_command_line_with_a_width_mix_is_one_line():
     assert str(e.value) == ("--p_full is unused with a width_mix: its first entry is the full width's share (drop "
                             "--p_full, or give --width_mix=())")
     assert Recipe.of(dict(train_py_defaults(), width_mix=TILTED), MODEL, given={"width_mix"}).width_mix == TILTED
-    assert Recipe.of(dict(train_py_defaults(), p_full=0.5), MODEL, given={"p_full"}).p_full == 0.5   # no mix: fine
+    assert Recipe.of(dict(train_py_defaults(), **SNAPPED, p_full=0.5), MODEL, given={"p_full"}).p_full == 0.5   # no mix
     assert abs(sum(recipe(width_mix=(0.3, 0.1, 0.2, 0.4 - 5e-7)).width_mix) - 1) < 1e-6   # within 1e-6 of 1
 
 
 def test_a_dense_gpt_trains_one_full_width_pass():
     dense = GPTConfig(**{**TINY_CONFIG, "n_exp": 0})
-    r = recipe(dense, width_sampling="sandwich", k_sampling="layer", k_pool=3, detach_router=True)
+    r = recipe(model=dense, width_sampling="sandwich", k_sampling="layer", k_pool=3, detach_router=True)
     gen = torch.Generator().manual_seed(0)
     assert (sample_widths(r, gen), sample_k(r, gen, 1), r.k_pool, r.detach_router) == ([1.0], None, 0, False)

@@ -59,7 +59,7 @@ def test_thirty_steps_lower_the_loss(data_dir, tmp_path):
      lambda w: w[:2] == [1.0, 0.3] and len(w) == 4 and all(0.3 <= x <= 1 for x in w)),
     (["--width_sampling=fixed", "--fixed_widths=(0.5,1.0,0.75)"], lambda w: w == [1.0, 0.75, 0.5]),
     (["--width_sampling=none"], lambda w: w == [1.0]),
-    (["--width_sampling=max_random", "--width_per_layer=True", "--moe_stride=1", "--width_grid=0.05",
+    (["--width_sampling=max_random", "--width_per_layer=True", "--moe_stride=1", "--width_grid=0.05", "--width_mix=()",
       "--distill_weight=0.5"],
      lambda w: len(w[1]) == 2 and all(abs(x / 0.05 - round(x / 0.05)) < 1e-9 for x in w[1])),
 ])

@@ -67,11 +67,11 @@ hr_loss_weight = 0.0            # Elastic MoE hierarchical router loss
 # the training recipe: recipes.py draws each step's widths and k (its header lists every recipe with its cost)
 width_sampling = "random_pair"  # random_pair (shipped: one pass, a width per (token, expert) pair) | max_random
                                 # (the MoSE paper: full width + random ones) | sandwich | fixed | random_step | none
-p_full = 0.25                   # random_step / random_pair: probability of the full width (else a random width)
+p_full = 0.25                   # random_step / random_pair without a width_mix: P(full width), else a random one
 w_min = 0.25                    # narrowest width trained
-width_mix = ()                  # () or P(each grid width), widest first: a stated law for every random width, to
-                                # tilt the draws toward the narrow ones; its first entry replaces p_full (recipes.py)
-p_sequence = 0.0                # random_pair: this share of sequences runs one width in all pairs and MoE layers,
+width_mix = (0.25, 0.25, 0.25, 0.25)  # P(each grid width), widest first: the law of every random width (shipped:
+                                # uniform on 1 / 0.75 / 0.5 / 0.25, RESULTS.md "the recipe"); () = p_full, else snapped
+p_sequence = 0.5                # random_pair: this share of sequences runs one width in all pairs and MoE layers,
                                 # the uniform dial's "every expert narrow", which per-pair draws almost never show
 n_random_widths = 1             # random widths per step (sandwich: besides the widest and the narrowest)
 width_grid = 0.25               # > 0: random widths snapped to this grid (the mix is printed at start-up); 0: not

@@ -12,10 +12,11 @@
 #
 # The shape: the Shakespeare model made small (n_embd 32, 2 heads) with an MoE layer in every block, so the experts
 # are 62 % of the forward FLOPs and the width dial has something to save. Forward FLOPs per token
-# (GPT.flops_breakdown, vocabulary 211): 212.4k for the MoE at full width, 175.6k for a mean random_pair step (0.719
-# of the expert FLOPs), 179.6k / 146.9k / 114.1k for the MoEs of 96 / 64 / 32 hidden units. A step is 32 x 128 =
-# 4,096 characters and costs 3x its forward, so 3.0e13 FLOPs buy:
-#   MoSE (random_pair)      13,907 steps, 57.0M characters
+# (GPT.flops_breakdown, vocabulary 211): 212.4k for the MoE at full width, 163.3k for a mean step of the shipped
+# recipe (widths 1 / 0.75 / 0.5 / 0.25 a quarter each: a mean 0.625 of the expert FLOPs), and
+# 179.6k / 146.9k / 114.1k for the MoEs of 96 / 64 / 32 hidden units. A step is 32 x 128 = 4,096 characters and
+# costs 3x its forward, so 3.0e13 FLOPs buy:
+#   MoSE                    14,954 steps, 61.3M characters
 #   plain MoE               11,494 steps, 47.1M characters (0.287M parameters, 0.090M active per token)
 #   MoEs of 96 / 64 / 32    13,590 / 16,622 / 21,395 steps
 # at most 88M characters, so no run reads a character twice on average (train.py draws random windows).

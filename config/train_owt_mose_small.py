@@ -40,11 +40,12 @@ z_loss_weight = 0.001
 # both on the step's batch, widths on the 0.05 grid the paper uses at inference. On Shakespeare, at equal
 # training compute, this recipe lost to the plain MoE and the single-pass 'random_pair' recipe did better
 # (RESULTS.md, "does MoSE pay? the equal-compute runs"); at this scale neither has been run yet. To try it:
-#   --width_sampling=random_pair --p_full=0.25 --width_grid=0.25
+#   --width_sampling=random_pair --width_grid=0.25 --width_mix="(0.25,0.25,0.25,0.25)"   (train.py's law)
 width_sampling = 'max_random'
 width_data = 'same'
 w_min = 0.25
 width_grid = 0.05
+width_mix = ()                   # the paper's law: uniform on [w_min, 1], snapped to the grid
 eval_widths = (1.0, 0.75, 0.5, 0.25)
 eval_k = (1, 4)
 

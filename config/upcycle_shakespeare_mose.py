@@ -14,6 +14,7 @@ width_sampling = 'max_random'   # the recipe RESULTS.md's upcycling numbers ("th
 width_data = 'fresh'            # recipe") were measured with: the full width plus one random width (continuous),
                                 # each on its own batch
 width_grid = 0.0
+width_mix = ()                  # no stated law: continuous widths
 lr_decay_iters = 200
 learning_rate = 1e-3             # gentler than from scratch: the weights are already trained
 min_lr = 1e-4
