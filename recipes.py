@@ -24,8 +24,9 @@ narrower width costs less: only its experts' FLOPs shrink, attention and the res
                           lag the models trained for their size the most
   p_sequence > 0          random_pair: that share of each pass's sequences draws ONE width (by the same law) for
                           all its pairs in every MoE layer: "every expert narrow", what a uniform-width dial
-                          evaluates and per-pair draws almost never show (under the default mix a token's 4 pairs,
-                          k = 2 in two MoE layers, are all at 0.25 for 0.125^4 of the tokens). The other sequences
+                          evaluates and per-pair draws almost never show (a token's 4 pairs, k = 2 in two MoE layers,
+                          are all at 0.25 for 0.25^4 of the tokens under a quarter each, 0.125^4 under p_full's
+                          snapped law). The other sequences
                           keep per-pair widths; a pass costs what its widths spend, as any random_pair pass
   distill_weight > 0      in-place distillation (distill_loss): the passes after the first also learn the widest
                           pass's predictions; free for the others, random_pair gains a full-width teacher (2 passes)
@@ -187,15 +188,14 @@ def draw_mix(width_mix, shape, gen):
 
 
 class RandomWidth(WidthPolicy):
-    """The training policy of the shipped recipe (width_sampling='random_pair'): every (token, expert) pair
-    draws its own width: the full width with probability p_full, else u ~ U[w_min, 1] snapped to the nearest
-    point of `grid` (0: continuous). One pass then trains many widths at once, at less than the cost of a
-    full-width step, and shows the model the mixed widths the confidence policy uses at inference.
-
-    Snapping a uniform draw gives the grid's two end points half the share of the inner points: with the
-    defaults the widths 1 / 0.75 / 0.5 / 0.25 are drawn 37.5 / 25 / 25 / 12.5 % of the time (`mix` computes
-    it). width_mix states the law instead: one probability per grid_widths(w_min, grid), widest first (p_full
-    is then unused). On a grid each call draws its pairs in the law's exact shares (draw_mix), so a pass's
+    """The training policy of width_sampling='random_pair': every (token, expert) pair draws its own width by
+    width_mix, one probability per grid_widths(w_min, grid), widest first (the shipped recipe: train.py's
+    width_mix, a quarter each, and p_sequence 0.5). Without a width_mix: the full width with probability
+    p_full, else u ~ U[w_min, 1] snapped to the nearest point of `grid` (0: continuous); snapping gives the
+    grid's two end points half the share of the inner points, so this class's own defaults draw 1 / 0.75 /
+    0.5 / 0.25 37.5 / 25 / 25 / 12.5 % of the time (`mix` computes it). One pass trains many widths at once,
+    at less than the cost of a full-width step, and shows the model the mixed widths the confidence policy
+    uses at inference. On a grid each call draws its pairs in the law's exact shares (draw_mix), so a pass's
     tensors keep their sizes; each pair alone still has the law. Draws come from `generator` (a CPU
     torch.Generator: a resumed run continues the same stream).
 

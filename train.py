@@ -70,7 +70,7 @@ width_sampling = "random_pair"  # random_pair (shipped: one pass, a width per (t
 p_full = 0.25                   # random_step / random_pair without a width_mix: P(full width), else a random one
 w_min = 0.25                    # narrowest width trained
 width_mix = (0.25, 0.25, 0.25, 0.25)  # P(each grid width), widest first: the law of every random width (shipped:
-                                # uniform on 1 / 0.75 / 0.5 / 0.25, RESULTS.md "the recipe"); () = p_full, else snapped
+                                # uniform on 1 / 0.75 / 0.5 / 0.25, RESULTS.md, issue 32); () = p_full, else snapped
 p_sequence = 0.5                # random_pair: this share of sequences runs one width in all pairs and MoE layers,
                                 # the uniform dial's "every expert narrow", which per-pair draws almost never show
 n_random_widths = 1             # random widths per step (sandwich: besides the widest and the narrowest)
@@ -280,7 +280,7 @@ if master_process:
     print(f"parameters: {model.get_num_params() / 1e6:.2f}M, forward FLOPs/token at full width: "
           f"{model.flops_per_token() / 1e6:.2f}M" + (f"; training compute {max_train_flops:.3e} FLOPs = "
           f"{max_iters:.1f} plain-MoE steps" if max_train_flops else ""))
-    if describe(recipe):   # what random_pair really draws: snapping skews a uniform draw
+    if describe(recipe):   # what random_pair really draws: its mix, and p_sequence
         print(describe(recipe))
 # GradScaler only for float16 on cuda: bf16 has fp32's range, and fp32 needs no scaling
 scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16" and device_type == "cuda"))

@@ -22,7 +22,7 @@
 # at most 88M characters, so no run reads a character twice on average (train.py draws random windows).
 # The learning rate, 4e-3, is every size's best on the held-out authors (scanned 2e-3 to 1.6e-2 at 1.5e13).
 # Time, on this project's 2-core AMD EPYC VM, one thread a run, two runs at a time: the MoE 19-21 minutes,
-# MoSE 25-27 (evaluations included; 34 before its widths were drawn in exact shares, RESULTS.md "memory").
+# MoSE 24-25 (evaluations included; the earlier p_full law 25-27, 34 before exact shares, RESULTS.md "memory").
 exec(open('config/train_shakespeare_mose.py').read())
 out_dir = 'out-gutenberg-mose'
 dataset = 'gutenberg_char'
