@@ -262,15 +262,13 @@ if "train" in parts:
     F = lambda w: model.flops_breakdown(w, seq_len=train_seq)["total"]
     # the shipped recipe (train.py's defaults): one pass, a random width per (token, expert) pair, half the sequences
     # one width throughout
-    random_pair = RandomWidth(**SHIPPED, seq_len=train_seq,
-                              generator=torch.Generator().manual_seed(seed))
+    random_pair = RandomWidth(**SHIPPED, seq_len=train_seq, generator=torch.Generator().manual_seed(seed))
     points = {"plain MoE step (width 1)": (1.0,), f"uniform {mose_width:g} step": (mose_width,),
               f"MoSE step (width 1 + {mose_width:g})": (1.0, mose_width), "MoSE step (random_pair)": (random_pair,)}
     flops = {name: sum(F(w) for w in ws) / F(1.0) for name, ws in points.items() if random_pair not in ws}
     with torch.no_grad(), ctx:   # a policy's FLOPs: what its forward spends (the draws vary little step to step)
         spent = model(idx, idx, width=random_pair).stats["expert_flops"].item()
-    flops["MoSE step (random_pair)"] = (model.flops_breakdown(1.0, seq_len=train_seq)["non_expert"]
-                                                     + spent) / F(1.0)
+    flops["MoSE step (random_pair)"] = (model.flops_breakdown(1.0, seq_len=train_seq)["non_expert"] + spent) / F(1.0)
 
     def run(ws):
         def step():
