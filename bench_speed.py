@@ -2,12 +2,14 @@
 Does the clock follow the FLOPs? Times the compute dial side by side and prints time ratios next to FLOPs
 ratios (medians of `repeats`, with the spread), all on random weights (speed does not depend on training):
 
-  layer     one MoSELayer at the OpenWebText-small sizes, forward and forward+backward, uniform widths and
-            the confidence policy with Gamma fitted to each budget; with fast_decode.py's path and without
+  layer     one MoSELayer at the OpenWebText-small sizes, forward and forward+backward, uniform widths, the
+            confidence policy with Gamma fitted to each budget and the training law (random_pair); with
+            fast_decode.py's path and without
   model     the whole OpenWebText-small model's forward, time ratio vs flops_breakdown's ratio
   train     MoSE training steps against a plain MoE step (full width): the shipped single pass with a random
             width per (token, expert) pair (width_sampling='random_pair'), the paper's two passes (full width +
-            one narrower width, as 'max_random'), and a uniform-width step
+            one narrower width, as 'max_random'), and a uniform-width step; with the page faults each step took
+            (--heap=glibc: glibc's own heap policy instead of train.py's)
   decode    tokens/s of generate() with the KV cache, batch 1, at width 1 and 0.5, Shakespeare and OWT-small;
             where the text outgrows block_size, also decoding that drops the KV cache there and recomputes the
             last block_size tokens at every step (what generate's sliding window saves)
@@ -37,7 +39,7 @@ import time
 
 import torch
 
-from configurator import check_ranges, configure, fail, setup_device
+from configurator import check_ranges, configure, fail, heap_trimmer, setup_device
 from model import GPT, ConfidenceWidth, GPTConfig, MoSELayer
 from recipes import RandomWidth
 
@@ -70,6 +72,9 @@ nanomoe_vocab, nanomoe_seq = 65, 256
 warmup = True                   # one untimed run of every point first; False where one run takes a minute
                                 # (nanoMoE at 8,192 tokens) and its start-up costs are lost in that minute
 json_path = ""                  # --json=rows.json
+heap = "train"                  # 'train': the C heap as train.py runs it (configurator.heap_trimmer); 'glibc': glibc's
+                                # own policy, under which the train part's steps page-fault back what the step before
+                                # freed, more or fewer by what ran before them (RESULTS.md, "the page faults")
 device = "cpu"
 dtype = "float32"
 seed = 1337
@@ -91,6 +96,8 @@ dims = "OpenWebText-small" if not given & set(SIZES) else \
     f"{n_layer} layers, n_embd {n_embd}, {n_exp} experts of {expert_hidden}, an MoE layer every {moe_stride}"
 if clock not in ("wall", "cpu"):
     fail(f"clock must be 'wall' or 'cpu', got '{clock}'")
+if heap not in ("train", "glibc"):
+    fail(f"heap must be 'train' (as train.py runs it) or 'glibc' (glibc's own policy), got '{heap}'")
 unknown = set(parts) - {"layer", "model", "train", "decode", "fast", "nanomoe"}
 if unknown:
     fail(f"parts must be among layer, model, train, decode, fast, nanomoe; got {', '.join(sorted(unknown))}")
@@ -123,6 +130,7 @@ if "nanomoe" in parts:   # checked and imported before any part runs, so a bad p
         fail(f"{nanomoe_file} defines no GPT and GPTConfig: is --nanomoe a nanoMoE checkout?")
 device, device_type, ptdtype, ctx = setup_device(device, dtype)
 torch.manual_seed(seed)
+trim_heap = heap_trimmer() if heap == "train" else (lambda: None)   # the C heap as train.py runs it
 now = time.perf_counter if clock == "wall" else time.process_time
 sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
 rows = []
@@ -150,6 +158,15 @@ def round_robin(points, fn):
         for name, p in points.items():
             times[name].append(fn(p))
     return times
+
+
+def minor_faults():
+    """This process's minor page faults so far (0 where the resource module or its count is missing)."""
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, AttributeError):
+        return 0
 
 
 def timed(f):
@@ -204,6 +221,12 @@ if "layer" in parts:
             policy, spent = fit_gamma_on_layer(layer, x[0], g, b)
             name = f"confidence gamma={g:g} budget={b:g}"
             points[name], flops[name] = policy, spent
+    # the shipped training law (train.py's defaults): every pair its own width, each width's rows their own grouped
+    # matmuls; beside a uniform width of the same FLOPs (--uniform_widths="(1.0,0.625)") it shows what that costs
+    seq = train_seq if layer_tokens % train_seq == 0 else layer_tokens   # p_sequence's sequences: the train part's
+    points["random_pair"] = RandomWidth(**SHIPPED, seq_len=seq, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():   # exact shares: every draw runs the same hidden units
+        flops["random_pair"] = layer(x, points["random_pair"], k_exp).h.float().mean().item() / expert_hidden
     base = f"uniform {uniform_widths[0]:g}"
     for plain in (False, True):
         layer.use_fast = not plain                  # fast_decode.py's path, or model.py's plain code alone
@@ -278,9 +301,18 @@ if "train" in parts:
                 (out.loss + out.router_loss).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return timed(step)
-    report(f"training step ({dims}, AdamW)", round_robin(points, run), "plain MoE step (width 1)", flops,
-           dict(tokens=train_batch * train_seq))
+            trim_heap()
+        before = minor_faults()
+        seconds = timed(step)
+        faults[ws].append(minor_faults() - before)
+        return seconds
+    faults = {ws: [] for ws in points.values()}   # the minor page faults of every timed step (Linux; else 0)
+    report(f"training step ({dims}, AdamW, heap={heap})", round_robin(points, run), "plain MoE step (width 1)", flops,
+           dict(tokens=train_batch * train_seq, heap=heap))
+    for row in rows[-len(points):]:
+        row["page_faults"] = faults[points[row["point"]]][-repeats:]
+    print("page faults a step (median): " + ", ".join(f"{name} {statistics.median(faults[ws][-repeats:]):,.0f}"
+                                                      for name, ws in points.items()))
 
 if "model" in parts or "train" in parts:
     del model

@@ -150,23 +150,31 @@ def gpu_peak_flops(device):
 
 
 def heap_trimmer(grow=1.5):
-    """A function to call once a step that hands the C heap's freed pages back to the OS (glibc's malloc_trim)
-    whenever the process's resident memory has grown to `grow` times what the last trim left; a no-op where there
-    is no glibc or no /proc. Why: on the CPU a slimmable step whose widths are drawn independently allocates
-    tensors of ever-changing sizes (the rows at each width change from step to step), and glibc keeps large freed
-    blocks in its heap rather than unmapping them; the holes do not fit the next step's sizes, so the memory grows
-    by hundreds of MB where a plain MoE's stays flat. random_pair draws exact shares on a grid (recipes.draw_mix),
-    which keeps the sizes and the memory flat; continuous widths, one-width sequences and the other recipes still
-    vary them. Trimming on growth, not on a clock, bounds the peak at `grow` times what a step really holds however
-    long the run, and trims only as often as that needs (each trim costs re-faulting the pages it freed)."""
+    """A function to call once a step that decides when the C heap hands memory back to the OS: whenever the
+    process's resident memory has grown to `grow` times what the last trim left (glibc's malloc_trim), and never
+    in between; a no-op where there is no glibc or no /proc.
+
+    Why never in between: left to itself glibc serves blocks over 128 kB (a bound it moves, up to 32 MB) with an
+    mmap of their own and gives the top of its heap back as soon as enough of it is free, so memory one step frees
+    the next step page-faults back, 4 kB at a time, more or fewer by what ran before it: whole 3e13 Gutenberg runs
+    took 7.6-19.2M faults, and bench_speed.py's alternating steps put 800-4,700 a step on the plain MoE's and none
+    on MoSE's, which made MoSE look 0.1 cheaper per FLOP than it is (RESULTS.md, "the page faults"). So
+    (mallopt) blocks up to 32 MB come from the heap and its free top stays mapped: those runs now take 0.5-0.6M
+    faults. Why trim at all: steps whose tensor sizes change (continuous widths, other recipes) leave holes the
+    next step's sizes do not fit, and the heap grows by hundreds of MB; random_pair's exact shares
+    (recipes.draw_mix) keep the sizes fixed. Trimming on growth, not on a clock, bounds the peak at `grow` times
+    what a step holds however long the run, and trims only as often as that needs."""
     import ctypes
     import ctypes.util
     try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        page = os.sysconf("SC_PAGE_SIZE")
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim, mallopt, page = libc.malloc_trim, libc.mallopt, os.sysconf("SC_PAGE_SIZE")
         open("/proc/self/statm").close()
     except (OSError, AttributeError, ValueError):   # macOS, Windows, musl: nothing to do
         return lambda: None
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # glibc's malloc.h
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)             # glibc's ceiling for it
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)              # 1 GB, in effect never: trim_if_grown decides
 
     def resident():
         with open("/proc/self/statm") as f:

@@ -363,7 +363,7 @@ def save(iter_num, best_val_loss):
 
 
 peak_flops = gpu_peak_flops(device)   # for MFU; None off a GPU this table knows (configurator.py)
-trim_heap = heap_trimmer(grow=1.5)   # bounds a run's memory under ever-changing widths (configurator.py: why)
+trim_heap = heap_trimmer(grow=1.5)   # the C heap: no re-faulting each step, memory bounded (configurator.py)
 if wandb_log and master_process:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
