@@ -74,7 +74,8 @@ warmup = True                   # one untimed run of every point first; False wh
 json_path = ""                  # --json=rows.json
 heap = "train"                  # 'train': the C heap as train.py runs it (configurator.heap_trimmer); 'glibc': glibc's
                                 # own policy, under which the train part's steps page-fault back what the step before
-                                # freed, more or fewer by what ran before them (RESULTS.md, "the page faults")
+                                # freed, more or fewer by what ran before them (RESULTS.md, "the page faults").
+                                # Process-wide (mallopt): every part runs under it; only the train part's steps trim
 device = "cpu"
 dtype = "float32"
 seed = 1337
@@ -223,10 +224,11 @@ if "layer" in parts:
             points[name], flops[name] = policy, spent
     # the shipped training law (train.py's defaults): every pair its own width, each width's rows their own grouped
     # matmuls; beside a uniform width of the same FLOPs (--uniform_widths="(1.0,0.625)") it shows what that costs
-    seq = train_seq if layer_tokens % train_seq == 0 else layer_tokens   # p_sequence's sequences: the train part's
-    points["random_pair"] = RandomWidth(**SHIPPED, seq_len=seq, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():   # exact shares: every draw runs the same hidden units
-        flops["random_pair"] = layer(x, points["random_pair"], k_exp).h.float().mean().item() / expert_hidden
+    seq = train_seq if layer_tokens % train_seq == 0 else layer_tokens   # p_sequence needs whole sequences
+    pair = points["random_pair"] = RandomWidth(**SHIPPED, seq_len=seq, generator=torch.Generator().manual_seed(seed))
+    # every pair's width has the law, so its expectation; a single pass's own FLOPs vary where its one-width sequences
+    # are too few to split in exact shares (4 sequences of 1,024: 2 at one width)
+    flops["random_pair"] = sum(p * layer.experts.hidden_units(w) for w, p in pair.mix().items()) / expert_hidden
     base = f"uniform {uniform_widths[0]:g}"
     for plain in (False, True):
         layer.use_fast = not plain                  # fast_decode.py's path, or model.py's plain code alone
@@ -289,11 +291,12 @@ if "train" in parts:
     points = {"plain MoE step (width 1)": (1.0,), f"uniform {mose_width:g} step": (mose_width,),
               f"MoSE step (width 1 + {mose_width:g})": (1.0, mose_width), "MoSE step (random_pair)": (random_pair,)}
     flops = {name: sum(F(w) for w in ws) / F(1.0) for name, ws in points.items() if random_pair not in ws}
-    with torch.no_grad(), ctx:   # a policy's FLOPs: what its forward spends (the draws vary little step to step)
-        spent = model(idx, idx, width=random_pair).stats["expert_flops"].item()
-    flops["MoSE step (random_pair)"] = (model.flops_breakdown(1.0, seq_len=train_seq)["non_expert"] + spent) / F(1.0)
+    # random_pair's FLOPs: the law's expectation (FLOPs are linear in h), as in the layer part; with few sequences
+    # a step's own draw runs more or less (--train_batch=1: the one sequence is one width, or mixed pairs)
+    flops["MoSE step (random_pair)"] = sum(p * F(w) for w, p in random_pair.mix().items()) / F(1.0)
 
-    def run(ws):
+    def run(point):
+        name, ws = point
         def step():
             for w in ws:   # losses summed over the widths: one backward each, gradients accumulate
                 with ctx:
@@ -304,15 +307,17 @@ if "train" in parts:
             trim_heap()
         before = minor_faults()
         seconds = timed(step)
-        faults[ws].append(minor_faults() - before)
+        faults[name].append(minor_faults() - before)
         return seconds
-    faults = {ws: [] for ws in points.values()}   # the minor page faults of every timed step (Linux; else 0)
-    report(f"training step ({dims}, AdamW, heap={heap})", round_robin(points, run), "plain MoE step (width 1)", flops,
-           dict(tokens=train_batch * train_seq, heap=heap))
-    for row in rows[-len(points):]:
-        row["page_faults"] = faults[points[row["point"]]][-repeats:]
-    print("page faults a step (median): " + ", ".join(f"{name} {statistics.median(faults[ws][-repeats:]):,.0f}"
-                                                      for name, ws in points.items()))
+    faults = {name: [] for name in points}   # the minor page faults of every timed step (0 where getrusage is missing)
+    part = f"training step ({dims}, AdamW, heap={heap})"
+    report(part, round_robin({name: (name, ws) for name, ws in points.items()}, run), "plain MoE step (width 1)",
+           flops, dict(tokens=train_batch * train_seq, heap=heap))
+    for row in rows:
+        if row["part"] == part:
+            row["page_faults"] = faults[row["point"]][-repeats:]
+    print("page faults a step (median): " + ", ".join(f"{name} {statistics.median(f[-repeats:]):,.0f}"
+                                                      for name, f in faults.items()))
 
 if "model" in parts or "train" in parts:
     del model

@@ -152,14 +152,15 @@ def gpu_peak_flops(device):
 def heap_trimmer(grow=1.5):
     """A function to call once a step that decides when the C heap hands memory back to the OS: whenever the
     process's resident memory has grown to `grow` times what the last trim left (glibc's malloc_trim), and never
-    in between; a no-op where there is no glibc or no /proc.
+    in between (blocks over 32 MB excepted: glibc maps and unmaps each of those on its own); a no-op where there is
+    no glibc or no /proc.
 
     Why never in between: left to itself glibc serves blocks over 128 kB (a bound it moves, up to 32 MB) with an
     mmap of their own and gives the top of its heap back as soon as enough of it is free, so memory one step frees
     the next step page-faults back, 4 kB at a time, more or fewer by what ran before it: whole 3e13 Gutenberg runs
     took 7.6-19.2M faults, and bench_speed.py's alternating steps put 800-4,700 a step on the plain MoE's and none
-    on MoSE's, which made MoSE look 0.1 cheaper per FLOP than it is (RESULTS.md, "the page faults"). So
-    (mallopt) blocks up to 32 MB come from the heap and its free top stays mapped: those runs now take 0.5-0.6M
+    on MoSE's, which made MoSE look up to 0.1 cheaper per FLOP than it is (RESULTS.md, "the page faults"). So
+    (mallopt) blocks up to 32 MB come from the heap and its free top stays mapped: those runs now take 0.47-0.58M
     faults. Why trim at all: steps whose tensor sizes change (continuous widths, other recipes) leave holes the
     next step's sizes do not fit, and the heap grows by hundreds of MB; random_pair's exact shares
     (recipes.draw_mix) keep the sizes fixed. Trimming on growth, not on a clock, bounds the peak at `grow` times
@@ -173,7 +174,7 @@ def heap_trimmer(grow=1.5):
     except (OSError, AttributeError, ValueError):   # macOS, Windows, musl: nothing to do
         return lambda: None
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # glibc's malloc.h
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)             # glibc's ceiling for it
+    mallopt(M_MMAP_THRESHOLD, 32 << 20) or mallopt(M_MMAP_THRESHOLD, 16 << 20)   # glibc's ceiling: 4 MB x sizeof(long)
     mallopt(M_TRIM_THRESHOLD, 1 << 30)              # 1 GB, in effect never: trim_if_grown decides
 
     def resident():
